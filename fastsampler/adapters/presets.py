@@ -1,0 +1,89 @@
+"""The named schedulers: thin presets over ``PlanScheduler`` that pick a plan builder and its options."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fastsampler.adapters.scheduler import PlanScheduler
+from fastsampler.schedules.noise import DiscreteVP
+from fastsampler.samplers.deis import DEIS
+from fastsampler.samplers.dpmsolver import DPMSolverMultistep, DPMSolverSinglestep
+from fastsampler.samplers.plan import Nodes
+from fastsampler.samplers.unipc import UniPC
+
+
+class DPMSolverPlusPlusScheduler(PlanScheduler):
+    """DPM-Solver++ (Lu et al. 2022, arXiv 2211.01095) and DPM-Solver, as a drop-in diffusers scheduler.
+
+    ``solver_method="multistep"`` (orders 1–3, like ``DPMSolverMultistepScheduler``) or ``"singlestep"``
+    (diffusers' grid-based 2S/3S, like ``DPMSolverSinglestepScheduler``); ``algorithm_type`` dpmsolver++
+    (data prediction, default), dpmsolver (noise prediction), sde-dpmsolver++ / sde-dpmsolver (noise from
+    ``generator``); ``solver_type`` midpoint or heun.
+    """
+
+    _algorithm_types = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver")
+    _algorithm_remap = {"deis": "dpmsolver++"}
+    _solver_types = ("midpoint", "heun")
+    _solver_remap = {"logrho": "midpoint", "bh1": "midpoint", "bh2": "midpoint"}
+    _unsupported = ("predict_x0", "disable_corrector")
+
+    def _validate_config(self) -> None:
+        super()._validate_config()
+        c = self.config
+        if c.solver_method not in ("multistep", "singlestep"):
+            raise ValueError(f"`solver_method` must be 'multistep' or 'singlestep', got {c.solver_method!r}")
+        if self.algorithm == "sde-dpmsolver" and c.solver_order > 2:
+            raise ValueError("algorithm_type='sde-dpmsolver' supports solver_order 1 or 2")
+
+    def _build_solver(self, nodes: Nodes):
+        c = self.config
+        if c.solver_method == "singlestep":
+            return DPMSolverSinglestep(c.solver_order, self.algorithm, self.solver_kind, c.lower_order_final,
+                                       nodes.num_steps, bool(nodes.rho[-1] == 0.0))
+        return DPMSolverMultistep(c.solver_order, self.algorithm, self.solver_kind, c.lower_order_final,
+                                  c.euler_at_final, c.exact_third_order)
+
+
+class UniPCScheduler(PlanScheduler):
+    """UniPC (Zhao et al. 2023, arXiv 2302.04867): UniP predictor + UniC corrector, bh1 / bh2, orders 1–3."""
+
+    _algorithm_types = ("dpmsolver++", "dpmsolver")  # diffusers keeps dpmsolver++ here; data/noise via predict_x0
+    _algorithm_remap = {"deis": "dpmsolver++", "sde-dpmsolver++": "dpmsolver++", "sde-dpmsolver": "dpmsolver"}
+    _solver_types = ("bh2", "bh1")
+    _solver_remap = {"midpoint": "bh2", "heun": "bh2", "logrho": "bh2"}
+    _flow_grid = "unipc"
+    _unsupported = ("euler_at_final", "solver_method", "exact_third_order", "lambda_min_clipped")
+
+    def _build_solver(self, nodes: Nodes):
+        c = self.config
+        return UniPC(c.solver_order, self.solver_kind, c.predict_x0, c.lower_order_final,
+                     tuple(c.disable_corrector or ()))
+
+
+class DEISScheduler(PlanScheduler):
+    """DEIS (Zhang & Chen 2023, arXiv 2204.13902): multistep exponential integrator, ε-prediction form.
+
+    ``solver_type="logrho"`` (diffusers' closed-form variant: Lagrange in log ρ, integrated in ρ, default),
+    ``"tab"`` (polynomial in t), ``"rhoab"`` (polynomial in ρ); orders 1–3.
+    """
+
+    _algorithm_types = ("deis",)
+    _algorithm_remap = {"dpmsolver++": "deis", "dpmsolver": "deis", "sde-dpmsolver++": "deis", "sde-dpmsolver": "deis"}
+    _solver_types = ("logrho", "tab", "rhoab")
+    _solver_remap = {"midpoint": "logrho", "heun": "logrho", "bh1": "logrho", "bh2": "logrho"}
+    _unsupported = ("euler_at_final", "predict_x0", "disable_corrector", "solver_method", "exact_third_order")
+
+    def _build_solver(self, nodes: Nodes):
+        c = self.config
+        return DEIS(c.solver_order, self.solver_kind, c.lower_order_final, self._t_of_rho())
+
+    def _t_of_rho(self):
+        """Model time as a function of the VE sigma ρ = σ/α (for tAB-DEIS)."""
+        c = self.config
+        if c.use_flow_sigmas:
+            return lambda r: r / (1.0 + r) * c.num_train_timesteps
+        sched = self._noise_schedule
+        if isinstance(sched, DiscreteVP):
+            rhos, ts = sched.rhos, np.arange(sched.num_train_timesteps, dtype=np.float64)
+            return lambda r: float(np.interp(r, rhos, ts))  # exact inverse of the linear-in-t ρ(t)
+        return lambda r: float(sched.t_from_rho(r)) * 1000.0

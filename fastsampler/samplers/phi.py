@@ -1,0 +1,30 @@
+"""φ-functions of exponential integrators, stable for small arguments.
+
+φ_0(z) = e^z,  φ_{k+1}(z) = (φ_k(z) − 1/k!)/z,  i.e. φ_k(z) = Σ_{j≥0} z^j/(j+k)!  (Hochbruck & Ostermann 2010).
+They give the exact integrals ∫_0^h e^{(h−u)z/h} u^k/k! du = h^{k+1} φ_{k+1}(z).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def phi(k: int, z: float) -> float:
+    """φ_k(z) in float64; a Taylor series for |z| < 0.5 avoids the cancellation of the recursion."""
+    if k == 0:
+        return math.exp(z)
+    if math.isinf(z):
+        return 0.0 if z < 0 else math.inf
+    if abs(z) < 0.5:
+        return float(sum(z**j / math.factorial(j + k) for j in range(25)))
+    value = math.expm1(z) / z
+    for j in range(1, k):
+        value = (value - 1.0 / math.factorial(j)) / z
+    return value
+
+
+def phis(z: float, n: int) -> np.ndarray:
+    """[φ_1(z), …, φ_n(z)]."""
+    return np.array([phi(k, z) for k in range(1, n + 1)])

@@ -1,0 +1,29 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="fastsampler",
+    version="0.1.0",
+    description="Fast, training-free ODE samplers for diffusion models as drop-in diffusers schedulers",
+    packages=find_packages(include=["fastsampler", "fastsampler.*"]),
+    package_data={"fastsampler": ["assets/**/*"]},
+    include_package_data=True,
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.1",
+        "diffusers>=0.35,<0.43",
+        "numpy>=1.24",
+        "scipy>=1.10",
+        "click>=8.0",
+        "tqdm>=4.60",
+        "matplotlib>=3.7",
+        "safetensors>=0.4",
+        "scikit-learn>=1.3",
+    ],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "fid": ["torchmetrics>=1.4", "torch-fidelity"],
+        "pipelines": ["transformers>=4.40", "accelerate"],
+        "test": ["pytest>=7", "triton>=3.0", "torchmetrics>=1.4", "transformers>=4.40", "accelerate", "nbformat", "nbclient", "ipykernel"],
+    },
+    entry_points={"console_scripts": ["fastsampler=fastsampler.cli:main"]},
+)
