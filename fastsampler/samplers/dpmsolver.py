@@ -158,7 +158,7 @@ def singlestep_orders(n: int, order: int, lower_order_final: bool, final_zero: b
     return orders[:n]
 
 
-@dataclass(frozen=True)
+@dataclass
 class DPMSolverSinglestep:
     """diffusers' grid-based singlestep DPM-Solver(++): a macro step of order k spans k grid intervals, its
     intermediate evaluations at the ordinary grid points, and integrates from the saved macro-step start."""
@@ -182,9 +182,32 @@ class DPMSolverSinglestep:
     def history(self) -> int:
         return self.order
 
-    def rule(self, i: int, available: int, nodes: Nodes) -> Rule:
+    def effective_order(self, i: int, start: int, nodes: Nodes) -> int:
+        """Order of step i in a run that started at ``start``: diffusers' order list, lowered where history is
+        missing (img2img) or where a macro step would span repeated nodes; a macro step always starts where S
+        was saved. Runs with a full history (start ≤ i − K + 1) share one cached pass from index 0."""
+        if start <= i - self.order + 1:
+            start = 0
+        cache = self.__dict__.setdefault("_orders", {})
+        if start == 0 and nodes.num_steps in cache:
+            return cache[nodes.num_steps][i]
         lof = self.lower_order_final or nodes.num_steps % self.order != 0 or self.final_zero
-        p = min(singlestep_orders(nodes.num_steps, self.order, lof, self.final_zero)[i], available + 1)
+        listed = singlestep_orders(nodes.num_steps, self.order, lof, self.final_zero)
+        stop = nodes.num_steps if start == 0 else i + 1
+        orders, saved_at = [0] * nodes.num_steps, start
+        for j in range(start, stop):
+            p = min(listed[j], j - saved_at + 1)
+            if p > 1 and not _distinct(nodes, list(range(j - p + 1, j + 2))):
+                p = 1
+            if p == 1:
+                saved_at = j
+            orders[j] = p
+        if start == 0:
+            cache[nodes.num_steps] = orders
+        return orders[i]
+
+    def rule(self, i: int, available: int, nodes: Nodes) -> Rule:
+        p = self.effective_order(i, i - available, nodes)
         b = i - p + 1  # the macro step started at node b (its sample is the saved S)
         w = ei_step(self.algorithm_type, nodes, b, i + 1)
         if p == 1:

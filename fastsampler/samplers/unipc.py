@@ -73,6 +73,8 @@ class UniPC:
         """Rule for UniP (corrector=False) or UniC from node s0 to t; m0 has age ``age0``, m_k age ``age0 + k``."""
         lam, a, s = nodes.lam, nodes.alpha, nodes.sigma
         h = float(lam[t] - lam[s0])
+        if h == 0.0:  # repeated timestep (e.g. 1000 steps on a 1000-step schedule): the step is the identity
+            return Rule(x=1.0, d=())
         if math.isinf(h):
             h_phi_1, b_h, coef = -1.0 if self.predict_x0 else math.inf, 0.0, np.zeros(0)
         n_prev = p - 1

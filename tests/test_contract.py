@@ -1,0 +1,262 @@
+"""The diffusers scheduler contract (the test patterns of diffusers' tests/schedulers that apply)."""
+
+from __future__ import annotations
+
+import tempfile
+
+import diffusers
+import pytest
+import torch
+
+from fastsampler import DEISScheduler, DPMSolverPlusPlusScheduler, NonFiniteModelOutputError, UniPCScheduler
+from parity_util import index_model, run_loop
+
+SCHEDULERS = [
+    (DPMSolverPlusPlusScheduler, {}),
+    (DPMSolverPlusPlusScheduler, dict(solver_order=3)),
+    (DPMSolverPlusPlusScheduler, dict(solver_method="singlestep", solver_order=3)),
+    (DPMSolverPlusPlusScheduler, dict(algorithm_type="sde-dpmsolver++")),
+    (DPMSolverPlusPlusScheduler, dict(algorithm_type="dpmsolver")),
+    (UniPCScheduler, {}),
+    (UniPCScheduler, dict(solver_type="bh1", solver_order=3)),
+    (UniPCScheduler, dict(predict_x0=False)),
+    (DEISScheduler, {}),
+    (DEISScheduler, dict(solver_type="tab", solver_order=3)),
+    (DEISScheduler, dict(solver_type="rhoab", solver_order=3)),
+]
+IDS = [f"{c.__name__}-{'-'.join(f'{k}={v}' for k, v in o.items())}" for c, o in SCHEDULERS]
+
+
+@pytest.fixture
+def sample() -> torch.Tensor:
+    return torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("cls,opts", SCHEDULERS, ids=IDS)
+def test_save_load_round_trip(cls, opts, sample):
+    s = cls(**opts)
+    with tempfile.TemporaryDirectory() as d:
+        s.save_pretrained(d)
+        loaded = cls.from_pretrained(d)
+    a = {k: v for k, v in s.config.items() if k != "_use_default_values"}
+    b = {k: v for k, v in loaded.config.items() if k != "_use_default_values"}
+    assert a == b
+    torch.testing.assert_close(run_loop(loaded, 6, sample), run_loop(s, 6, sample), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cls,opts", SCHEDULERS, ids=IDS)
+def test_step_shape_and_return_dict(cls, opts, sample):
+    s1, s2 = cls(**opts), cls(**opts)
+    for s in (s1, s2):
+        s.set_timesteps(10)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    t0, t1 = s1.timesteps[0], s1.timesteps[1]
+    out = 0.1 * sample
+    a = s1.step(out, t0, sample, generator=g1).prev_sample
+    b = s2.step(out, t0, sample, generator=g2, return_dict=False)[0]
+    assert a.shape == sample.shape
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert s1.step(out, t1, a, generator=g1).prev_sample.shape == sample.shape
+
+
+@pytest.mark.parametrize("cls,opts", SCHEDULERS, ids=IDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_loop_keeps_dtype(cls, opts, dtype, sample):
+    s = cls(**opts, thresholding=True, dynamic_thresholding_ratio=0.995, sample_max_value=1.5) \
+        if not cls is DEISScheduler or opts.get("solver_type", "logrho") == "logrho" else cls(**opts)
+    s.set_timesteps(10)
+    x = sample.to(dtype)
+    for i, t in enumerate(s.timesteps):
+        x = s.step(index_model(x.float(), i).to(dtype), t, x).prev_sample
+        assert x.dtype == dtype
+    assert torch.isfinite(x.float()).all()
+
+
+@pytest.mark.parametrize("cls,opts", SCHEDULERS, ids=IDS)
+def test_every_step_count_is_finite(cls, opts):
+    x = torch.randn(1, 2, 2, 2, generator=torch.Generator().manual_seed(0))
+    model = lambda y, i: 0.5 * y  # noqa: E731
+    counts = (1, 2, 3, 4, 5, 7, 10, 15, 16, 50, 999, 1000)
+    if opts.get("solver_type") == "tab":
+        counts = counts[:-2]  # tAB's quadrature makes 1000-step plans slow; its math is the same as ρAB's
+    for n in counts:
+        out = run_loop(cls(**opts), n, x, model=model)
+        assert torch.isfinite(out).all(), n
+
+
+def test_compatibles_round_trip():
+    ours = UniPCScheduler(solver_order=3, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    for other in (diffusers.DPMSolverMultistepScheduler, diffusers.EulerDiscreteScheduler,
+                  diffusers.DDIMScheduler, DEISScheduler, DPMSolverPlusPlusScheduler):
+        back = UniPCScheduler.from_config(other.from_config(ours.config).config)
+        a = {k: v for k, v in ours.config.items() if not k.startswith("_")}
+        b = {k: v for k, v in back.config.items() if not k.startswith("_")}
+        assert a == b, other.__name__
+
+
+def test_from_diffusers_configs_carry_settings():
+    for cfg_cls in (diffusers.DDPMScheduler, diffusers.PNDMScheduler, diffusers.EulerDiscreteScheduler,
+                    diffusers.DPMSolverMultistepScheduler, diffusers.UniPCMultistepScheduler,
+                    diffusers.DEISMultistepScheduler):
+        theirs = cfg_cls(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                         prediction_type="v_prediction", timestep_spacing="trailing")
+        for ours_cls in (DPMSolverPlusPlusScheduler, UniPCScheduler, DEISScheduler):
+            ours = ours_cls.from_config(theirs.config)
+            assert ours.config.beta_schedule == "scaled_linear"
+            assert ours.config.prediction_type == "v_prediction"
+            assert ours.config.timestep_spacing == "trailing"
+    # DEIS → UniPC: the target's own default solver_type wins, as in diffusers.
+    assert UniPCScheduler.from_config(DEISScheduler().config).solver_kind == "bh2"
+    assert DPMSolverPlusPlusScheduler.from_config(UniPCScheduler(solver_type="bh1").config).solver_kind == "midpoint"
+
+
+def test_flow_match_euler_config_switch():
+    fm = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    ours = UniPCScheduler.from_config(fm.config, use_flow_sigmas=True, prediction_type="flow_prediction",
+                                      flow_shift=3.0)
+    ours.set_timesteps(8)
+    assert ours.timesteps.dtype == torch.float32 and ours.sigmas[-1] == 0
+
+
+def test_add_noise_and_begin_index(sample):
+    s = DPMSolverPlusPlusScheduler()
+    s.set_timesteps(50)
+    noise = torch.randn_like(sample)
+    t = s.timesteps[5][None]
+    noisy = s.add_noise(sample, noise, t)
+    alpha = 1 / (1 + s.sigmas[5] ** 2).sqrt()
+    torch.testing.assert_close(noisy, alpha * sample + alpha * s.sigmas[5] * noise)
+    assert noisy.device == sample.device
+    s.set_begin_index(10)
+    torch.testing.assert_close(s.add_noise(sample, noise, t), s.add_noise(sample, noise, s.timesteps[10][None]))
+    s.step(0.1 * sample, s.timesteps[10], noisy)
+    assert s.step_index == 11
+    with pytest.raises(ValueError, match="begin_index"):
+        s.set_begin_index(99)
+
+
+def test_img2img_start_matches_full_schedule_history_reset(sample):
+    """Starting at index k (img2img) uses first-order warm-up there, like diffusers."""
+    ours, theirs = UniPCScheduler(), diffusers.UniPCMultistepScheduler()
+    outs = []
+    for s in (ours, theirs):
+        s.set_timesteps(10)
+        s.set_begin_index(4)
+        x = sample
+        for i, t in enumerate(s.timesteps[4:]):
+            x = s.step(index_model(x, i), t, x).prev_sample
+        outs.append(x)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+
+
+def test_step_makes_no_host_sync(monkeypatch, sample):
+    """step() may not call .item(), .tolist() or .nonzero() (each is a device sync on an accelerator)."""
+    schedulers = [cls(**opts) for cls, opts in SCHEDULERS] + [
+        DPMSolverPlusPlusScheduler(thresholding=True, sample_max_value=2.0)]
+    for s in schedulers:
+        s.set_timesteps(8)
+
+    def forbid(name):
+        def fail(*args, **kwargs):
+            raise AssertionError(f"step() called Tensor.{name}")
+        return fail
+
+    for name in ("item", "tolist", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, forbid(name))
+    for s in schedulers:
+        x = sample
+        for i, t in enumerate(s.timesteps):
+            x = s.step(index_model(x, i), t, x, generator=torch.Generator().manual_seed(0)).prev_sample
+
+
+def test_step_errors(sample):
+    s = UniPCScheduler()
+    with pytest.raises(RuntimeError, match="set_timesteps"):
+        s.step(sample, 999, sample)
+    s.set_timesteps(4)
+    with pytest.raises(ValueError, match="shape"):
+        s.step(sample[:2], s.timesteps[0], sample)
+    with pytest.raises(ValueError, match="eta"):
+        s.step(sample, s.timesteps[0], sample, eta=0.5)
+    bad = sample.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteModelOutputError, match=r"step 0 \(timestep 999\)"):
+        s.step(bad, s.timesteps[0], sample)
+    s.set_timesteps(2)
+    x = sample
+    for t in s.timesteps:
+        x = s.step(0.1 * x, t, x).prev_sample
+    with pytest.raises(IndexError, match="set_timesteps"):
+        s.step(x, s.timesteps[-1], x)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(solver_order=4), "solver_order"),
+    (dict(solver_type="nope"), "solver_type"),
+    (dict(algorithm_type="nope"), "algorithm_type"),
+    (dict(prediction_type="nope"), "prediction_type"),
+    (dict(beta_schedule="nope"), "beta_schedule"),
+    (dict(timestep_spacing="nope"), "timestep_spacing"),
+    (dict(final_sigmas_type="nope"), "final_sigmas_type"),
+    (dict(use_karras_sigmas=True, use_exponential_sigmas=True), "only one"),
+    (dict(prediction_type="flow_prediction"), "use_flow_sigmas"),
+    (dict(disable_corrector=[0]), "disable_corrector"),
+    (dict(kernel="cuda"), "kernel"),
+])
+def test_bad_config_is_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DPMSolverPlusPlusScheduler(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(), "exactly one"),
+    (dict(num_inference_steps=0), "positive integer"),
+    (dict(num_inference_steps=2000), "num_train_timesteps"),
+    (dict(num_inference_steps=10, timesteps=[999, 500]), "exactly one"),
+    (dict(timesteps=[500, 999]), "strictly decreasing"),
+    (dict(timesteps=[1500, 10]), r"\[0, 999\]"),
+    (dict(timesteps=[900.5, 10]), "integers"),
+    (dict(sigmas=[1.0, 2.0]), "strictly decreasing"),
+    (dict(sigmas=[float("nan"), 0.1]), "finite"),
+    (dict(num_inference_steps=5, mu=0.5), "use_dynamic_shifting"),
+])
+def test_bad_set_timesteps_is_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DEISScheduler().set_timesteps(**kwargs)
+
+
+def test_custom_timesteps_and_sigmas_are_honoured(sample):
+    s = DPMSolverPlusPlusScheduler()
+    s.set_timesteps(timesteps=[999, 700, 400, 100])
+    assert s.timesteps.tolist() == [999, 700, 400, 100]
+    d = diffusers.DPMSolverMultistepScheduler()
+    d.set_timesteps(timesteps=[999, 700, 400, 100])
+    torch.testing.assert_close(s.sigmas, d.sigmas)
+    s.set_timesteps(sigmas=[14.0, 3.0, 0.5, 0.0])
+    torch.testing.assert_close(s.sigmas, torch.tensor([14.0, 3.0, 0.5, 0.0]))
+    f = UniPCScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=1.0)
+    f.set_timesteps(sigmas=[0.9, 0.6, 0.3])
+    torch.testing.assert_close(f.sigmas, torch.tensor([0.9, 0.6, 0.3, 0.0]))
+
+
+def test_plan_json_round_trip(sample):
+    from fastsampler import Plan
+
+    s = UniPCScheduler(solver_order=3)
+    s.set_timesteps(7)
+    plan = Plan.from_json(s.plan.to_json())
+    a = run_loop(s, 7, sample)
+    t = UniPCScheduler(solver_order=3)
+    t.set_plan(plan)
+    x = sample
+    for i, ts in enumerate(t.timesteps):
+        x = t.step(index_model(x, i), ts, x).prev_sample
+    torch.testing.assert_close(x, a, rtol=0, atol=0)
+
+
+def test_trained_betas_round_trip():
+    s = DEISScheduler(trained_betas=[0.1, 0.3], num_train_timesteps=2)
+    with tempfile.TemporaryDirectory() as d:
+        s.save_pretrained(d)
+        t = DEISScheduler.from_pretrained(d)
+    torch.testing.assert_close(t.betas, s.betas)
