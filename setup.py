@@ -23,7 +23,7 @@ setup(
         "triton": ["triton>=3.0"],
         "fid": ["torchmetrics>=1.4", "torch-fidelity"],
         "pipelines": ["transformers>=4.40", "accelerate"],
-        "test": ["pytest>=7", "triton>=3.0", "torchmetrics>=1.4", "transformers>=4.40", "accelerate", "nbformat", "nbclient", "ipykernel"],
+        "test": ["pytest>=7", "triton>=3.0", "torchmetrics>=1.4", "transformers>=4.40", "accelerate"],
     },
     entry_points={"console_scripts": ["fastsampler=fastsampler.cli:main"]},
 )
