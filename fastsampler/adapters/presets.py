@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+# DiffusionPipeline.from_pretrained looks the loading base class up by name in the module recorded in
+# model_index.json (this one), so it must be importable from here.
+from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401
 
 from fastsampler.adapters.scheduler import PlanScheduler
 from fastsampler.schedules.noise import DiscreteVP
