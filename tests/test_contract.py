@@ -260,3 +260,37 @@ def test_trained_betas_round_trip():
         s.save_pretrained(d)
         t = DEISScheduler.from_pretrained(d)
     torch.testing.assert_close(t.betas, s.betas)
+
+
+def test_flow_match_config_switches_to_flow():
+    fm = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    s = UniPCScheduler.from_config(fm.config)
+    assert (s.config.use_flow_sigmas, s.config.prediction_type, s.config.flow_shift) == (True, "flow_prediction", 3.0)
+    assert DPMSolverPlusPlusScheduler.from_config(fm.config, flow_shift=2.0).config.flow_shift == 2.0
+    with pytest.raises(ValueError, match="shift_terminal"):
+        DEISScheduler.from_config(diffusers.FlowMatchEulerDiscreteScheduler(shift_terminal=0.1).config)
+
+
+def test_learned_variance_channels_are_dropped(sample):
+    """IF-style models output [prediction, variance]; the scheduler uses the first half, like diffusers."""
+    ours = DPMSolverPlusPlusScheduler(variance_type="learned_range")
+    theirs = diffusers.DPMSolverMultistepScheduler(variance_type="learned_range")
+    outs = []
+    for s in (ours, theirs):
+        s.set_timesteps(5)
+        x = sample
+        for i, t in enumerate(s.timesteps):
+            x = s.step(torch.cat([index_model(x, i), torch.ones_like(x)], dim=1), t, x).prev_sample
+        outs.append(x)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    # A DDPM config's fixed variance carries over harmlessly.
+    assert DPMSolverPlusPlusScheduler.from_config(diffusers.DDPMScheduler(variance_type="fixed_large").config)
+
+
+def test_set_timesteps_reuses_cached_plan():
+    a, b = UniPCScheduler(solver_order=3), UniPCScheduler(solver_order=3)
+    a.set_timesteps(12)
+    b.set_timesteps(12)
+    assert a.plan is b.plan
+    b.set_timesteps(13)
+    assert a.plan is not b.plan

@@ -11,6 +11,7 @@ is a thin preset that says which plan builder to use (``_build_solver``) and whi
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from typing import Any, ClassVar, Sequence
 
 import numpy as np
@@ -28,6 +29,30 @@ from fastsampler.schedules.grids import Grid, GridSpec, flow_grid, vp_grid
 from fastsampler.schedules.noise import BETA_SCHEDULES, ContinuousVP, DiscreteVP
 
 NOISE_SCHEDULES = ("discrete", "vp_linear", "vp_cosine")
+VARIANCE_TYPES = (None, "learned", "learned_range", "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log")
+
+
+class _LRU:
+    """A small least-recently-used cache: set_timesteps() with the same config and grid reuses the plan."""
+
+    def __init__(self, size: int = 32):
+        self._data: OrderedDict = OrderedDict()
+        self._size = size
+
+    def get(self, key):
+        if key is None or key not in self._data:
+            return None
+        self._data.move_to_end(key)
+        return self._data[key]
+
+    def put(self, key, value) -> None:
+        self._data[key] = value
+        if len(self._data) > self._size:
+            self._data.popitem(last=False)
+
+
+_PLAN_CACHE = _LRU()
+_ROWS_CACHE = _LRU()
 
 
 class NonFiniteModelOutputError(FloatingPointError):
@@ -88,6 +113,7 @@ class PlanScheduler(SchedulerMixin, ConfigMixin):
         noise_schedule: str = "discrete",
         sigma_min: float | None = None,
         sigma_max: float | None = None,
+        variance_type: str | None = None,
         kernel: str = "auto",
         check_finite: bool = True,
     ):
@@ -121,6 +147,21 @@ class PlanScheduler(SchedulerMixin, ConfigMixin):
         s = self.config.solver_type
         return self._solver_remap.get(s, s) if s is not None else self._solver_types[0]
 
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
+        """diffusers' ``from_config``; a FlowMatch scheduler's config (SD3, Flux) also switches on flow matching:
+        ``use_flow_sigmas=True``, ``prediction_type="flow_prediction"`` and ``flow_shift`` = its ``shift``
+        (explicit keyword arguments win)."""
+        source = dict(config) if config is not None else {}
+        if "shift" in source and "beta_start" not in source and "use_flow_sigmas" not in source:
+            if source.get("shift_terminal") or source.get("invert_sigmas") or source.get("stochastic_sampling"):
+                raise ValueError("this FlowMatch config uses shift_terminal / invert_sigmas / stochastic_sampling, "
+                                 f"which {cls.__name__} does not implement")
+            kwargs.setdefault("use_flow_sigmas", True)
+            kwargs.setdefault("prediction_type", "flow_prediction")
+            kwargs.setdefault("flow_shift", float(source["shift"]))
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
     def _validate_config(self) -> None:
         c = self.config
         name = type(self).__name__
@@ -148,6 +189,8 @@ class PlanScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"`sample_max_value` must be ≥ 1, got {c.sample_max_value}")
         if c.thresholding and c.use_flow_sigmas is False and c.prediction_type not in PREDICTION_TYPES:
             raise ValueError("thresholding needs a known prediction_type")
+        if c.variance_type not in VARIANCE_TYPES:
+            raise ValueError(f"`variance_type` must be one of {VARIANCE_TYPES}, got {c.variance_type!r}")
         if c.num_train_timesteps < 2:
             raise ValueError(f"`num_train_timesteps` must be ≥ 2, got {c.num_train_timesteps}")
         defaults = {"euler_at_final": False, "predict_x0": True, "disable_corrector": None,
@@ -207,6 +250,12 @@ class PlanScheduler(SchedulerMixin, ConfigMixin):
         self._history: torch.Tensor | None = None
         self._saved: torch.Tensor | None = None
         self._device_table: torch.Tensor | None = None
+        self._buffer_key: tuple | None = None
+        self._thresholding = bool(self.config.thresholding)
+        self._check = bool(self.config.check_finite)
+        # DDPM's fixed_* variances only matter to ancestral sampling; learned ones add output channels to drop.
+        self._learned_variance = self.config.variance_type in ("learned", "learned_range")
+        self._levels = self._plan.levels if self._plan is not None else 1
 
     def set_timesteps(
         self,
@@ -248,16 +297,27 @@ class PlanScheduler(SchedulerMixin, ConfigMixin):
             grid = vp_grid(self._noise_schedule, self._grid_spec(), num_inference_steps, timesteps, sigmas)
         self._install_grid(grid, device)
 
-    def _install_grid(self, grid: Grid, device: str | torch.device | None) -> None:
+    def _install_grid(self, grid: Grid, device: str | torch.device | None, plan: Plan | None = None) -> None:
         nodes = Nodes.from_grid(grid)
-        plan = compile_plan(self._build_solver(nodes), nodes, self.config.prediction_type)
+        key = None
+        if plan is None:
+            key = (type(self).__name__, repr(sorted((k, v) for k, v in self.config.items() if k != "_use_default_values")),
+                   grid.timesteps.tobytes(), grid.rhos.tobytes(), grid.flow)
+            plan = _PLAN_CACHE.get(key)
+            if plan is None:
+                plan = compile_plan(self._build_solver(nodes), nodes, self.config.prediction_type)
+                _PLAN_CACHE.put(key, plan)
         self._grid, self._plan = grid, plan
-        self._rows = [
-            [Row.from_coefficients(plan.write_slot[i], *plan.conv[i], plan.x_coef[w, i],
-                                   plan.s_coef[w, i] if plan.s_write[w, i] else None)
-             for i in range(plan.num_steps)]
-            for w in range(plan.levels)
-        ]
+        self._rows = _ROWS_CACHE.get(key) if key is not None else None
+        if self._rows is None:
+            self._rows = [
+                [Row.from_coefficients(plan.write_slot[i], *plan.conv[i], plan.x_coef[w, i],
+                                       plan.s_coef[w, i] if plan.s_write[w, i] else None)
+                 for i in range(plan.num_steps)]
+                for w in range(plan.levels)
+            ]
+            if key is not None:
+                _ROWS_CACHE.put(key, self._rows)
         self._x0_rows = [(float(a), float(b)) for a, b in plan.x0_conv]
         self._d_from_x0 = [(float(a), float(b)) for a, b in plan.d_from_x0]
         discrete = isinstance(self._noise_schedule, DiscreteVP)
@@ -272,10 +332,12 @@ class PlanScheduler(SchedulerMixin, ConfigMixin):
     def set_plan(self, plan: Plan, device: str | torch.device | None = None) -> None:
         """Run a saved plan (e.g. from a schedule search) instead of building one."""
         grid = Grid(np.asarray(plan.meta["timesteps"]), np.asarray(plan.meta["rho"]), bool(plan.meta["flow"]))
-        self._install_grid(grid, device)
-        if plan.x_coef.shape[1:] != self._plan.x_coef.shape[1:]:
-            raise ValueError("the plan does not fit this scheduler's grid")
-        self._plan = plan
+        if plan.x_coef.shape[1] != grid.num_steps or plan.conv.shape[0] != grid.num_steps:
+            raise ValueError(f"the plan has {plan.x_coef.shape[1]} rows but its grid {grid.num_steps} steps")
+        if plan.meta.get("prediction_type", self.config.prediction_type) != self.config.prediction_type:
+            raise ValueError(f"the plan was built for prediction_type={plan.meta['prediction_type']!r}, this "
+                             f"scheduler has {self.config.prediction_type!r}")
+        self._install_grid(grid, device, plan)
 
     def index_for_timestep(self, timestep: float | torch.Tensor,
                            schedule_timesteps: torch.Tensor | None = None) -> int:
@@ -323,6 +385,8 @@ class PlanScheduler(SchedulerMixin, ConfigMixin):
         if eta:
             raise ValueError(f"`eta` must be 0 for {type(self).__name__} (got {eta}); for stochastic sampling use "
                              "algorithm_type='sde-dpmsolver++'")
+        if self._learned_variance and model_output.shape[1] == 2 * sample.shape[1]:
+            model_output = model_output[:, :sample.shape[1]]  # IF / unCLIP: [prediction, variance] channels
         if model_output.shape != sample.shape:
             raise ValueError(f"`model_output` shape {tuple(model_output.shape)} does not match `sample` shape "
                              f"{tuple(sample.shape)}")
@@ -336,19 +400,24 @@ class PlanScheduler(SchedulerMixin, ConfigMixin):
         if i >= self.num_inference_steps:
             raise IndexError(f"step() called after the last of {self.num_inference_steps} timesteps; call "
                              "set_timesteps() to start a new run")
-        row = self._rows[min(self._taken, self._plan.levels - 1)][i]
-        history = self._buffers(sample)
+        row = self._rows[min(self._taken, self._levels - 1)][i]
+        history = self._history
+        if history is None or self._buffer_key != (sample.shape, sample.device, sample.dtype):
+            history = self._buffers(sample)
         noise = None
         if row.uses_noise:
             noise = variance_noise.to(device=sample.device, dtype=history.dtype) if variance_noise is not None else \
                 randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=history.dtype)
         written = False
-        if self.config.thresholding:
+        if self._thresholding:
             self._write_thresholded(row, i, sample, model_output, history)
             written = True
-        update = self._update
-        prev_sample, self._saved = update(row, sample, model_output, history, self._saved, noise, written)
-        if self.config.check_finite:
+        if self._device_table is not None:
+            prev_sample, self._saved = self._update(row, sample, model_output, history, self._saved, noise, written,
+                                                    coef=self._device_table[min(self._taken, self._levels - 1), i])
+        else:
+            prev_sample, self._saved = self._update(row, sample, model_output, history, self._saved, noise, written)
+        if self._check:
             self._check_finite(history[row.write_slot], i)
         self._step_index = i + 1
         self._taken += 1
@@ -366,6 +435,12 @@ class PlanScheduler(SchedulerMixin, ConfigMixin):
             self._history = torch.zeros((self._plan.slots, *sample.shape), dtype=dtype, device=sample.device)
             kind = resolve_kernel(self.config.kernel, sample.device)
             self._update = get_update(kind)
+            self._device_table = None
+            if kind == "triton":
+                # The whole coefficient table goes to the device once; step() then passes a row view.
+                packed = np.stack([[r.packed for r in level] for level in self._rows])
+                self._device_table = torch.as_tensor(packed, dtype=torch.float32, device=sample.device)
+            self._buffer_key = (sample.shape, sample.device, sample.dtype)
         return self._history
 
     def _write_thresholded(self, row: Row, i: int, x: torch.Tensor, out: torch.Tensor, history: torch.Tensor) -> None:
@@ -383,11 +458,12 @@ class PlanScheduler(SchedulerMixin, ConfigMixin):
         # then (barring an fp32 overflow of the sum) and costs a fraction of an elementwise isfinite pass.
         # On an accelerator reading the flag would sync, so there it is kept on the device and read once,
         # on the last step (the pipeline syncs then anyway).
-        bad = ~torch.isfinite(prediction.sum())
+        total = prediction.sum()
         if prediction.device.type == "cpu":
-            if bad:
+            if not math.isfinite(total):  # a CPU tensor: no device to sync with
                 self._raise_nonfinite(i)
             return
+        bad = ~torch.isfinite(total)
         flag = self._nonfinite_step if getattr(self, "_nonfinite_step", None) is not None else \
             torch.full((), -1, dtype=torch.int64, device=prediction.device)
         self._nonfinite_step = torch.where(bad & (flag < 0), torch.full_like(flag, i), flag)

@@ -26,9 +26,8 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def write_prediction(row: Row, x: torch.Tensor, out: torch.Tensor, history: torch.Tensor) -> None:
-    """history[write_slot] = d_x·X + d_o·O."""
-    d = history[row.write_slot]
+def write_prediction(row: Row, x: torch.Tensor, out: torch.Tensor, d: torch.Tensor) -> None:
+    """d (the history slot ``row.write_slot``) = d_x·X + d_o·O."""
     if row.d_x == 0.0:
         torch.mul(out, row.d_o, out=d)
     else:
@@ -36,10 +35,10 @@ def write_prediction(row: Row, x: torch.Tensor, out: torch.Tensor, history: torc
         d.add_(out, alpha=row.d_o)
 
 
-def combine(row: Row, x: torch.Tensor, history: torch.Tensor, saved: torch.Tensor | None,
+def combine(row: Row, x: torch.Tensor, slots: tuple[torch.Tensor, ...], saved: torch.Tensor | None,
             noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(X_next, S_new) from the sources, with this step's prediction already in the history."""
-    sources: list[torch.Tensor | None] = [x, saved, noise, *history.unbind(0)]
+    """(X_next, S_new) from the sources, with this step's prediction already in its slot."""
+    sources: list[torch.Tensor | None] = [x, saved, noise, *slots]
     x_next = _lincomb(row.x_terms, sources) if row.x_terms else torch.zeros_like(x)
     if row.s_terms is None:
         return x_next, saved
@@ -50,14 +49,16 @@ def combine(row: Row, x: torch.Tensor, history: torch.Tensor, saved: torch.Tenso
 
 def apply_row_torch(row: Row, x: torch.Tensor, out: torch.Tensor, history: torch.Tensor,
                     saved: torch.Tensor | None, noise: torch.Tensor | None,
-                    prediction_written: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One full update. ``prediction_written``: a hook (thresholding) already stored D in the history."""
+                    prediction_written: bool = False, coef: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One full update. ``prediction_written``: a hook (thresholding) already stored D in the history.
+    ``coef`` (the packed row on the device) is accepted for signature parity with the Triton kernel."""
     dtype = history.dtype
     x32 = x if x.dtype == dtype else x.to(dtype)
+    slots = history.unbind(0)
     if not prediction_written:
-        write_prediction(row, x32, out if out.dtype == dtype else out.to(dtype), history)
-    x_next, s_new = combine(row, x32, history, saved, noise)
-    return x_next.to(x.dtype), s_new
+        write_prediction(row, x32, out if out.dtype == dtype else out.to(dtype), slots[row.write_slot])
+    x_next, s_new = combine(row, x32, slots, saved, noise)
+    return (x_next if x_next.dtype == x.dtype else x_next.to(x.dtype)), s_new
 
 
 __all__ = ["apply_row_torch", "write_prediction", "combine", "compute_dtype", "SRC_SLOTS"]

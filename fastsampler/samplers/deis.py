@@ -27,27 +27,29 @@ from fastsampler.samplers.plan import Nodes, Rule
 SOLVER_TYPES = ("logrho", "rhoab", "tab")
 
 
-def lagrange_basis(nodes: np.ndarray, j: int) -> np.poly1d:
-    """L_j(g) = Π_{k≠j} (g − g_k)/(g_j − g_k)."""
-    poly = np.poly1d([1.0])
+def lagrange_basis(nodes: np.ndarray, j: int) -> np.ndarray:
+    """Coefficients (ascending powers) of L_j(g) = Π_{k≠j} (g − g_k)/(g_j − g_k)."""
+    coef = np.array([1.0])
     for k, g_k in enumerate(nodes):
         if k != j:
-            poly = poly * np.poly1d([1.0, -g_k]) / (nodes[j] - g_k)
-    return poly
+            coef = np.convolve(coef, [-g_k, 1.0]) / (nodes[j] - g_k)
+    return coef
 
 
-def _log_antiderivative(p: np.poly1d, u: float) -> float:
-    """F(u) = u·Q(log u) with Q + Q′ = P, an antiderivative of P(log u); F(0) = 0."""
+def _log_antiderivative(p: np.ndarray, u: float) -> float:
+    """F(u) = u·Q(log u) with Q + Q′ = P (P, Q ascending coefficients), an antiderivative of P(log u); F(0) = 0."""
     if u == 0.0:
         return 0.0
-    q = np.poly1d([0.0])
-    term, sign = p, 1.0
-    while term.order > 0 or term.coeffs[0] != 0:
-        q = q + sign * term
-        term, sign = term.deriv(), -sign
-        if term.order == 0 and term.coeffs[0] == 0:
-            break
-    return u * q(math.log(u))
+    q = np.zeros_like(p)
+    term, sign = p.copy(), 1.0
+    while len(term):
+        q[:len(term)] += sign * term
+        term, sign = term[1:] * np.arange(1, len(term)), -sign  # derivative
+    return u * float(np.polynomial.polynomial.polyval(math.log(u), q))
+
+
+def _poly_antiderivative(p: np.ndarray, u: float) -> float:
+    return float(np.polynomial.polynomial.polyval(u, np.concatenate([[0.0], p / np.arange(1, len(p) + 1)])))
 
 
 @dataclass(frozen=True)
@@ -86,15 +88,16 @@ class DEIS:
             return np.array([_log_antiderivative(lagrange_basis(g, j), rho_t)
                              - _log_antiderivative(lagrange_basis(g, j), rho_s[0]) for j in range(p)])
         if self.solver_type == "rhoab":
-            return np.array([np.polyint(lagrange_basis(rho_s, j))(rho_t) - np.polyint(lagrange_basis(rho_s, j))(rho_s[0])
-                             for j in range(p)])
+            return np.array([_poly_antiderivative(lagrange_basis(rho_s, j), rho_t)
+                             - _poly_antiderivative(lagrange_basis(rho_s, j), rho_s[0]) for j in range(p)])
         if self.t_of_rho is None:
             raise ValueError("tAB-DEIS needs the schedule's t(ρ)")
         g = np.array([self.t_of_rho(r) for r in rho_s])
         out = []
         for j in range(p):
             basis = lagrange_basis(g, j)
-            value, _ = quad(lambda r: basis(self.t_of_rho(r)), rho_s[0], rho_t, epsabs=1e-13, epsrel=1e-12, limit=200)
+            value, _ = quad(lambda r: np.polynomial.polynomial.polyval(self.t_of_rho(r), basis), rho_s[0], rho_t,
+                            epsabs=1e-13, epsrel=1e-12, limit=200)
             out.append(value)
         return np.array(out)
 
