@@ -374,8 +374,9 @@ def test_flux_pipeline_flow_dynamic_shift(cls):
 
 @pytest.mark.parametrize("cls", [pytest.param(c, id=_ids(c)) for c in OURS])
 def test_flux_pipeline_vp_config_gives_clear_error(cls):
-    """A VP-configured scheduler (no use_flow_sigmas) in Flux must fail loudly, not sample garbage."""
-    pipe = _with(tp.tiny_flux_pipeline(), cls)  # plain from_config: VP betas, epsilon prediction
+    """A VP-configured scheduler in Flux must fail loudly, not sample garbage. (A plain from_config of Flux's
+    FlowMatch config switches ours to flow matching; here the user forces a VP config.)"""
+    pipe = _with(tp.tiny_flux_pipeline(), cls, use_flow_sigmas=False, prediction_type="epsilon")
     with pytest.raises(ValueError, match="use_flow_sigmas"):
         pipe(PROMPT, height=H, width=W, num_inference_steps=4, max_sequence_length=MAX_SEQ)
 
@@ -495,21 +496,13 @@ def test_readme_use_it_in_your_pipeline():
     image = pipe("a photo of a cat", num_inference_steps=3, height=H, width=W).images[0]
     assert image.size == (W, H)
 
-    # --- Flux (flow matching): the pipeline computes mu and passes it (dynamic shifting) ---
-    pipe = tp.tiny_flux_pipeline()  # FluxPipeline.from_pretrained(...)
-    pipe.scheduler = UniPCScheduler.from_config(
-        pipe.scheduler.config, use_flow_sigmas=True, prediction_type="flow_prediction"
-    )
-    image = pipe("a photo of a cat", num_inference_steps=3, height=H, width=W, max_sequence_length=MAX_SEQ).images[0]
-    assert image.size == (W, H)
-
-    # --- SD3 (flow matching, static shift): FlowMatchEuler's `shift` is `flow_shift` here ---
-    pipe = tp.tiny_sd3_pipeline()  # StableDiffusion3Pipeline.from_pretrained(...)
-    pipe.scheduler = DPMSolverPlusPlusScheduler.from_config(
-        pipe.scheduler.config,
-        use_flow_sigmas=True,
-        prediction_type="flow_prediction",
-        flow_shift=pipe.scheduler.config.shift,
-    )
-    image = pipe("a photo of a cat", num_inference_steps=3, height=H, width=W, max_sequence_length=MAX_SEQ).images[0]
-    assert image.size == (W, H)
+    # --- Flux / SD3 (flow matching): a FlowMatch config switches ours to flow (shift → flow_shift);
+    # Flux computes mu and passes it (dynamic shifting) ---
+    for build in (tp.tiny_flux_pipeline, tp.tiny_sd3_pipeline):  # FluxPipeline / StableDiffusion3Pipeline
+        pipe = build()
+        shift = pipe.scheduler.config.shift
+        pipe.scheduler = UniPCScheduler.from_config(pipe.scheduler.config)
+        assert pipe.scheduler.config.use_flow_sigmas and pipe.scheduler.config.flow_shift == shift
+        image = pipe("a photo of a cat", num_inference_steps=3, height=H, width=W,
+                     max_sequence_length=MAX_SEQ).images[0]
+        assert image.size == (W, H)
