@@ -159,9 +159,11 @@ def test_grids_match(grid, x_start):
     check(d, ours, 10, x_start)
 
 
-def test_unipc_bh1_zero_final_diffusers_nan(x_start):
-    """diffusers' UniPC bh1 returns NaN when the last sigma is zero; ours lands on x̂₀."""
-    d = diffusers.UniPCMultistepScheduler(solver_type="bh1", solver_order=3)
+@pytest.mark.parametrize("kw", [dict(solver_type="bh1", solver_order=3), dict(predict_x0=False)])
+def test_unipc_zero_final_diffusers_nan(kw, x_start):
+    """diffusers' UniPC bh1, and its noise form, return NaN when the last sigma is zero; ours is finite and
+    equals diffusers up to the last step."""
+    d = diffusers.UniPCMultistepScheduler(**kw)
     ours = UniPCScheduler.from_config(d.config)
     assert torch.isnan(run_loop(d, 10, x_start)).any()
     assert torch.isfinite(run_loop(ours, 10, x_start)).all()
@@ -176,3 +178,45 @@ def test_sde_3m_differs_from_diffusers(x_start):
     o2 = run_loop(DPMSolverPlusPlusScheduler(solver_order=2, **kw), 25, x_start)
     assert torch.isfinite(o3).all()
     assert rel_err(o3, o2) < rel_err(d3, o2)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample"])
+def test_thresholding(prediction_type, x_start):
+    x = 3.0 * x_start  # large enough that x̂₀ gets clipped
+    for ratio, max_value in ((0.995, 1.0), (0.87, 2.0)):
+        kw = dict(thresholding=True, dynamic_thresholding_ratio=ratio, sample_max_value=max_value,
+                  prediction_type=prediction_type)
+        for order in (1, 2, 3):
+            d = diffusers.DPMSolverMultistepScheduler(solver_order=order, **kw)
+            check(d, DPMSolverPlusPlusScheduler.from_config(d.config), 10, x)
+            d = diffusers.UniPCMultistepScheduler(solver_order=order, **kw)
+            check(d, UniPCScheduler.from_config(d.config), 10, x)
+            d = diffusers.DEISMultistepScheduler(solver_order=order, **kw)
+            check(d, DEISScheduler.from_config(d.config, final_sigmas_type="sigma_min"), 10, x, DEIS_TOL)
+
+
+def test_zero_snr_and_lambda_clipping(x_start):
+    d = diffusers.DPMSolverMultistepScheduler(rescale_betas_zero_snr=True, prediction_type="v_prediction",
+                                              timestep_spacing="trailing")
+    check(d, DPMSolverPlusPlusScheduler.from_config(d.config), 10, x_start)
+    d = diffusers.UniPCMultistepScheduler(rescale_betas_zero_snr=True, prediction_type="v_prediction",
+                                          timestep_spacing="trailing")
+    check(d, UniPCScheduler.from_config(d.config), 10, x_start)
+    d = diffusers.DPMSolverMultistepScheduler(beta_schedule="squaredcos_cap_v2", lambda_min_clipped=-5.1)
+    check(d, DPMSolverPlusPlusScheduler.from_config(d.config), 10, x_start)
+
+
+def test_unipc_disable_corrector_and_noise_form(x_start):
+    # diffusers' noise-form UniPC is NaN with a zero final sigma (σ_t(e^h − 1) = 0·∞); ours is finite there.
+    for kw in (dict(disable_corrector=[0, 1]), dict(predict_x0=False, final_sigmas_type="sigma_min"),
+               dict(solver_order=3, disable_corrector=[2])):
+        d = diffusers.UniPCMultistepScheduler(**kw)
+        check(d, UniPCScheduler.from_config(d.config), 10, x_start)
+
+
+def test_noise_form_dpmsolver(x_start):
+    for order in (1, 2, 3):
+        for solver_type in ("midpoint", "heun"):
+            d = diffusers.DPMSolverMultistepScheduler(algorithm_type="dpmsolver", solver_order=order,
+                                                      solver_type=solver_type, final_sigmas_type="sigma_min")
+            check(d, DPMSolverPlusPlusScheduler.from_config(d.config), 10, x_start)
