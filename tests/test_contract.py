@@ -294,3 +294,22 @@ def test_set_timesteps_reuses_cached_plan():
     assert a.plan is b.plan
     b.set_timesteps(13)
     assert a.plan is not b.plan
+
+
+def test_device_mismatch_is_named(sample):
+    s = DPMSolverPlusPlusScheduler()
+    s.set_timesteps(4)
+    with pytest.raises(ValueError, match="meta"):
+        s.step(torch.empty_like(sample, device="meta"), s.timesteps[0], sample)
+
+
+def test_forced_triton_without_cuda_is_named(sample, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("FASTSAMPLER_KERNEL", "triton")
+    s = DPMSolverPlusPlusScheduler()
+    s.set_timesteps(4)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        s.step(sample, s.timesteps[0], sample)
+    monkeypatch.setenv("FASTSAMPLER_KERNEL", "fast")
+    with pytest.raises(ValueError, match="FASTSAMPLER_KERNEL"):
+        DPMSolverPlusPlusScheduler()

@@ -21,7 +21,7 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils.torch_utils import randn_tensor
 
 from fastsampler.adapters.thresholding import threshold_x0
-from fastsampler.kernels.dispatch import get_update, resolve_kernel
+from fastsampler.kernels.dispatch import get_update, kernel_choice, resolve_kernel
 from fastsampler.kernels.row import Row
 from fastsampler.samplers.convert import PREDICTION_TYPES
 from fastsampler.samplers.plan import Nodes, Plan, compile_plan
@@ -201,7 +201,7 @@ class PlanScheduler(SchedulerMixin, ConfigMixin):
             if value != defaults[opt] and not (opt == "disable_corrector" and value == []):
                 raise ValueError(f"{name} does not support `{opt}` (got {value!r}); leave it at {defaults[opt]!r}")
         self._grid_spec().validate()
-        resolve_kernel(c.kernel, torch.device("cpu")) if c.kernel != "triton" else None
+        kernel_choice(c.kernel)
 
     def _make_noise_schedule(self) -> DiscreteVP | ContinuousVP | None:
         c = self.config

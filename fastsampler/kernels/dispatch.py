@@ -22,13 +22,19 @@ def triton_available() -> bool:
     return True
 
 
+def kernel_choice(requested: str) -> str:
+    """The requested implementation name (the environment variable wins), checked."""
+    if requested not in KERNELS:
+        raise ValueError(f"`kernel` must be one of {KERNELS}, got {requested!r}")
+    env = os.environ.get("FASTSAMPLER_KERNEL")
+    if env and env not in KERNELS:
+        raise ValueError(f"FASTSAMPLER_KERNEL must be one of {KERNELS}, got {env!r}")
+    return env or requested
+
+
 def resolve_kernel(requested: str, device: torch.device) -> str:
     """The implementation to use for tensors on ``device``."""
-    env = os.environ.get("FASTSAMPLER_KERNEL")
-    choice = env if env else requested
-    if choice not in KERNELS:
-        source = "FASTSAMPLER_KERNEL" if env else "`kernel`"
-        raise ValueError(f"{source} must be one of {KERNELS}, got {choice!r}")
+    choice = kernel_choice(requested)
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if choice == "auto":
         return "triton" if device.type == "cuda" and triton_available() else "torch"
