@@ -1,0 +1,398 @@
+"""ODE error against the exact solution, per solver and NFE, on an exact Gaussian-mixture model.
+
+The model is ``MixtureModel`` over the digits mixture (``gmm.digits_mixture``): its outputs are exact, so a
+solver's error is its discretisation error alone. Every solver starts from the same noise at its first
+timestep (timestep_spacing "trailing": t = T − 1 for every VP scheduler) and is driven by a plain diffusers
+loop::
+
+    x = noise · init_noise_sigma
+    for t in scheduler.timesteps:
+        x = scheduler.step(model(scheduler.scale_model_input(x, t), t), t, x).prev_sample
+
+(flow-matching schedulers without ``init_noise_sigma`` / ``scale_model_input`` are driven as SD3 pipelines
+drive them). Error = RMSE of the final x against the reference ODE solution (``reference.reference_solution``)
+from the same noise at the same model noise level; NFE = the number of model calls actually made (Heun: 2N − 1
+calls for N steps, so an even target NFE gets one call less, and the actual count is reported).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from fastsampler.eval import gmm, metrics
+from fastsampler.eval.reference import ReferenceSolution, Tolerance, reference_solution
+
+DEFAULT_NFES = (4, 5, 6, 8, 10, 15, 20)
+FAMILIES = ("fastsampler", "diffusers")
+#: The reference must be reproducible (tolerance check) to 1e-3 of this RMSE; the table never resolves less.
+REFERENCE_ERROR_SCALE = 1e-4
+REFERENCE_TOLERANCE = Tolerance(rtol=1e-7, atol=1e-9)
+
+# Presets: the scheduler config of the (imaginary) model ------------------------------------------------------
+
+_VP = dict(num_train_timesteps=1000, timestep_spacing="trailing", prediction_type="epsilon")
+PRESETS: dict[str, dict[str, Any]] = {
+    "sd": {**_VP, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
+    "ddpm": {**_VP, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02},
+    "cosine": {**_VP, "beta_schedule": "squaredcos_cap_v2"},
+    # FlowMatch* schedulers read `shift`; the multistep ones `use_flow_sigmas` / `flow_shift`.
+    "flow": dict(num_train_timesteps=1000, use_flow_sigmas=True, flow_shift=3.0, shift=3.0,
+                 prediction_type="flow_prediction", timestep_spacing="trailing"),
+}
+
+
+def is_flow(config: dict[str, Any]) -> bool:
+    return bool(config.get("use_flow_sigmas"))
+
+
+def preset_config(preset: str, prediction_type: str | None = None) -> dict[str, Any]:
+    """The preset's scheduler config, with ``prediction_type`` overridden if given."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    config = dict(PRESETS[preset])
+    if prediction_type is not None:
+        if is_flow(config) and prediction_type != "flow_prediction":
+            raise ValueError("the flow preset's model predicts velocity: use prediction_type 'flow_prediction'")
+        if not is_flow(config) and prediction_type == "flow_prediction":
+            raise ValueError("flow_prediction needs the flow preset")
+        config["prediction_type"] = prediction_type
+    return config
+
+
+# Solvers ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SolverSpec:
+    """One benchmarked scheduler: a class, its options, and how many steps a target NFE buys."""
+
+    name: str
+    family: str
+    scheduler: str  # class name, in fastsampler or diffusers
+    options: dict[str, Any] = field(default_factory=dict)
+    flow: bool | None = None  # None: every preset; True: only flow matching; False: only VP
+    calls_per_step: int = 1  # Heun-type: 2 calls per step, minus one (the last step is Euler)
+
+    def supports(self, config: dict[str, Any]) -> bool:
+        return self.flow is None or self.flow == is_flow(config)
+
+    def steps_for(self, nfe: int) -> int:
+        """Steps N whose model calls (N, or 2N − 1 for Heun) come closest to ``nfe`` without exceeding it."""
+        return max(1, (nfe + self.calls_per_step - 1) // self.calls_per_step)
+
+    def build(self, config: dict[str, Any]):
+        import diffusers
+
+        import fastsampler
+
+        module = fastsampler if self.family == "fastsampler" else diffusers
+        return getattr(module, self.scheduler).from_config({**config, **self.options})
+
+
+def _fastsampler_specs() -> list[SolverSpec]:
+    dpm, unipc, deis = "DPMSolverPlusPlusScheduler", "UniPCScheduler", "DEISScheduler"
+    specs = [SolverSpec(f"fs/dpmpp-{k}m", "fastsampler", dpm, {"solver_order": k}) for k in (2, 3)]
+    specs += [SolverSpec(f"fs/dpmpp-{k}s", "fastsampler", dpm, {"solver_order": k, "solver_method": "singlestep"})
+              for k in (2, 3)]
+    specs += [SolverSpec(f"fs/unipc-{v}-{k}", "fastsampler", unipc, {"solver_type": v, "solver_order": k})
+              for v in ("bh1", "bh2") for k in (2, 3)]
+    specs += [SolverSpec(f"fs/deis-{v}-{k}", "fastsampler", deis, {"solver_type": v, "solver_order": k})
+              for v, k in (("logrho", 2), ("logrho", 3), ("tab", 3), ("rhoab", 3))]
+    return specs
+
+
+def _diffusers_specs() -> list[SolverSpec]:
+    specs = [
+        SolverSpec("diffusers/ddim", "diffusers", "DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": True},
+                   flow=False),
+        SolverSpec("diffusers/euler", "diffusers", "EulerDiscreteScheduler", flow=False),
+        SolverSpec("diffusers/heun", "diffusers", "HeunDiscreteScheduler", flow=False, calls_per_step=2),
+        SolverSpec("diffusers/flow-euler", "diffusers", "FlowMatchEulerDiscreteScheduler", flow=True),
+        SolverSpec("diffusers/flow-heun", "diffusers", "FlowMatchHeunDiscreteScheduler", flow=True, calls_per_step=2),
+    ]
+    specs += [SolverSpec(f"diffusers/dpmpp-{k}m", "diffusers", "DPMSolverMultistepScheduler", {"solver_order": k})
+              for k in (2, 3)]
+    specs += [SolverSpec(f"diffusers/dpmpp-{k}s", "diffusers", "DPMSolverSinglestepScheduler", {"solver_order": k})
+              for k in (2, 3)]
+    specs += [SolverSpec(f"diffusers/unipc-{v}-{k}", "diffusers", "UniPCMultistepScheduler",
+                         {"solver_type": v, "solver_order": k}) for v in ("bh1", "bh2") for k in (2, 3)]
+    specs += [SolverSpec(f"diffusers/deis-{k}", "diffusers", "DEISMultistepScheduler", {"solver_order": k})
+              for k in (2, 3)]
+    return specs
+
+
+SOLVERS: tuple[SolverSpec, ...] = tuple(_fastsampler_specs() + _diffusers_specs())
+
+
+def select_solvers(patterns: str | Sequence[str], config: dict[str, Any]) -> list[SolverSpec]:
+    """The solvers matching any comma-separated name or glob, that support the preset, in registry order."""
+    if isinstance(patterns, str):
+        patterns = [p.strip() for p in patterns.split(",") if p.strip()]
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatch(s.name, p) for s in SOLVERS)]
+    if unmatched:
+        raise ValueError(f"no solver matches {unmatched}; known: {', '.join(s.name for s in SOLVERS)}")
+    return [s for s in SOLVERS if s.supports(config) and any(fnmatch.fnmatch(s.name, p) for p in patterns)]
+
+
+# One run -------------------------------------------------------------------------------------------------
+
+def sample(scheduler, model: Callable, noise: torch.Tensor) -> torch.Tensor:
+    """The plain diffusers sampling loop after ``set_timesteps`` (no guidance logic: the model is guided)."""
+    x = noise * getattr(scheduler, "init_noise_sigma", 1.0)
+    scale_input = getattr(scheduler, "scale_model_input", lambda x, t: x)
+    for t in scheduler.timesteps:
+        x = scheduler.step(model(scale_input(x, t), t), t, x).prev_sample
+    return x
+
+
+@dataclass
+class RunResult:
+    solver: str
+    family: str
+    nfe: int  # target
+    nfe_actual: int  # model calls made
+    steps: int
+    rmse: float
+    component_mismatch: float
+    overshoot: float
+    seconds: float
+    start_timestep: float
+    error: str | None = None
+
+
+@dataclass
+class BenchSetup:
+    """Everything a bench run depends on except the solver list."""
+
+    preset: str = "sd"
+    prediction_type: str | None = None
+    guidance_scale: float | None = None
+    batch_size: int = 256
+    seed: int = 0
+    tau: float = gmm.DIGITS_TAU
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return preset_config(self.preset, self.prediction_type)
+
+    def classes(self) -> torch.Tensor | None:
+        """Guided runs condition sample i on digit i mod 10."""
+        return None if self.guidance_scale is None else torch.arange(self.batch_size) % 10
+
+    def denoiser(self) -> gmm.MixtureDenoiser:
+        return gmm.MixtureDenoiser(gmm.digits_mixture(self.tau), self.classes(), self.guidance_scale)
+
+    def noise(self) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed)
+        return torch.randn(self.batch_size, 1, 8, 8, generator=generator)
+
+
+class References:
+    """Reference solutions per start timestep (every VP solver starts at T − 1; flow grids differ)."""
+
+    def __init__(self, denoiser: gmm.MixtureDenoiser, model: gmm.MixtureModel, noise: torch.Tensor):
+        self.denoiser, self.model, self.noise = denoiser, model, noise
+        self.solutions: dict[float, ReferenceSolution] = {}
+        self.seconds: dict[float, float] = {}
+
+    def at(self, start_timestep: float) -> ReferenceSolution:
+        if start_timestep not in self.solutions:
+            began = time.perf_counter()
+            alpha, sigma = self.model.alpha_sigma(start_timestep)
+            self.solutions[start_timestep] = reference_solution(
+                self.denoiser, self.noise, float(alpha), float(sigma), REFERENCE_TOLERANCE,
+                error_scale=REFERENCE_ERROR_SCALE)
+            self.seconds[start_timestep] = time.perf_counter() - began
+        return self.solutions[start_timestep]
+
+    def summary(self) -> list[dict[str, Any]]:
+        mixture = self.denoiser.mixture
+        return [{"start_timestep": t, "from_cache": r.from_cache, "seconds": self.seconds[t], "key": r.key,
+                 "tolerance": asdict(r.tolerance), "tolerance_check": r.tolerance_check,
+                 "num_evaluations": r.num_evaluations, "overshoot": metrics.overshoot(r.x0),
+                 "components_hit": int(metrics.component_of(mixture, r.x0).unique().numel())}
+                for t, r in self.solutions.items()]
+
+
+def run_one(spec: SolverSpec, nfe: int, config: dict[str, Any], model: gmm.MixtureModel, noise: torch.Tensor,
+            references: References) -> RunResult:
+    """One solver at one NFE; a failure is recorded (error text, NaN metrics), not raised."""
+    steps = spec.steps_for(nfe)
+    model.num_calls = 0
+    began = time.perf_counter()
+    start, error = math.nan, None
+    try:
+        scheduler = spec.build(config)
+        scheduler.set_timesteps(steps)
+        start = float(scheduler.timesteps[0])
+        x = sample(scheduler, model, noise)
+    except Exception as exc:  # a solver that crashes is a result too
+        x, error = None, f"{type(exc).__name__}: {exc}"
+    seconds = time.perf_counter() - began
+    nan = math.nan
+    if x is None:
+        return RunResult(spec.name, spec.family, nfe, model.num_calls, steps, nan, nan, nan, seconds, start, error)
+    reference = references.at(start).x0
+    mixture = model.denoiser.mixture
+    return RunResult(spec.name, spec.family, nfe, model.num_calls, steps, metrics.rmse(x, reference),
+                     metrics.component_mismatch(mixture, x, reference), metrics.overshoot(x), seconds, start, error)
+
+
+@dataclass
+class BenchResult:
+    setup: BenchSetup
+    nfes: list[int]
+    runs: list[RunResult]
+    references: list[dict[str, Any]]
+    seconds: float
+
+    def best(self, family: str, nfe: int) -> RunResult | None:
+        """The lowest finite RMSE of a family at a target NFE."""
+        candidates = [r for r in self.runs if r.family == family and r.nfe == nfe and math.isfinite(r.rmse)]
+        return min(candidates, key=lambda r: r.rmse, default=None)
+
+    def solvers(self) -> list[str]:
+        return list(dict.fromkeys(r.solver for r in self.runs))
+
+    def to_json(self) -> dict[str, Any]:
+        best = {str(n): {f: (b.solver, b.rmse) if (b := self.best(f, n)) else None for f in FAMILIES}
+                for n in self.nfes}
+        return {"setup": asdict(self.setup), "config": self.setup.config, "nfes": self.nfes,
+                "runs": [asdict(r) for r in self.runs], "best": best, "references": self.references,
+                "seconds": self.seconds, "torch": torch.__version__}
+
+
+def run_bench(setup: BenchSetup, solvers: Sequence[SolverSpec], nfes: Sequence[int] = DEFAULT_NFES,
+              progress: bool = True) -> BenchResult:
+    """Every solver at every NFE, against the reference from the same noise."""
+    from tqdm.auto import tqdm
+
+    began = time.perf_counter()
+    config = setup.config
+    denoiser = setup.denoiser()
+    model = gmm.MixtureModel.from_scheduler_config(denoiser, config)
+    noise = setup.noise()
+    references = References(denoiser, model, noise)
+    runs = []
+    with _quiet_diffusers(), tqdm(total=len(solvers) * len(nfes), desc="bench", disable=not progress) as bar:
+        for spec in solvers:
+            for nfe in nfes:
+                bar.set_postfix_str(f"{spec.name} @ {nfe}")
+                runs.append(run_one(spec, nfe, config, model, noise, references))
+                bar.update()
+    return BenchResult(setup, list(nfes), runs, references.summary(), time.perf_counter() - began)
+
+
+class _quiet_diffusers:
+    """Silence diffusers' config warnings (unused preset keys, lower_order_final notices) during a run."""
+
+    def __enter__(self):
+        from diffusers.utils import logging
+
+        self._logging, self._level = logging, logging.get_verbosity()
+        logging.set_verbosity_error()
+
+    def __exit__(self, *exc):
+        self._logging.set_verbosity(self._level)
+
+
+# Reports -------------------------------------------------------------------------------------------------
+
+CELL = 16  # table cell width: "1.234e-01*(19)" plus a gap
+
+
+def format_table(result: BenchResult) -> str:
+    """RMSE per solver (rows) and NFE (columns); '*' marks the best of each family at an NFE, '(n)' an
+    actual NFE that differs from the column's; then the best fastsampler vs the best diffusers solver."""
+    best = {(f, n): b.solver for n in result.nfes for f in FAMILIES if (b := result.best(f, n))}
+    cells = {(r.solver, r.nfe): r for r in result.runs}
+    width = max(len(s) for s in result.solvers()) + 2
+    header = "solver \\ NFE"
+    lines = [f"{header:<{width}}" + "".join(f"{n:>{CELL}}" for n in result.nfes)]
+    for solver in result.solvers():
+        row = f"{solver:<{width}}"
+        for n in result.nfes:
+            r = cells[(solver, n)]
+            text = "error" if r.error else f"{r.rmse:.3e}"
+            text += "*" if best.get((r.family, n)) == solver else ""
+            text += f"({r.nfe_actual})" if r.nfe_actual != n and not r.error else ""
+            row += f"{text:>{CELL}}"
+        lines.append(row)
+    lines += ["", f"{'NFE':>4}  {'best fastsampler':<28}{'RMSE':>11}  {'best diffusers':<28}{'RMSE':>11}  ratio (diffusers / fastsampler, > 1: fastsampler better)"]
+    for n in result.nfes:
+        ours, theirs = result.best("fastsampler", n), result.best("diffusers", n)
+        if ours is None or theirs is None:
+            continue
+        lines.append(f"{n:>4}  {ours.solver:<28}{ours.rmse:>11.3e}  {theirs.solver:<28}{theirs.rmse:>11.3e}"
+                     f"  {theirs.rmse / ours.rmse:5.2f}x")
+    failures: dict[tuple[str, str], list[int]] = {}
+    for r in result.runs:
+        if r.error or not math.isfinite(r.rmse):
+            failures.setdefault((r.solver, r.error or "non-finite output"), []).append(r.nfe)
+    if failures:
+        lines += ["", "failures:"] + [f"  {solver} @ NFE {','.join(map(str, nfes))}: {error}"
+                                      for (solver, error), nfes in failures.items()]
+    return "\n".join(lines)
+
+
+def write_csv(result: BenchResult, path: Path) -> None:
+    import csv
+
+    rows = [asdict(r) for r in result.runs]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["solver"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot(result: BenchResult, path: Path) -> None:
+    """RMSE vs actual NFE, log-log; fastsampler solid, diffusers dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    fig, ax = plt.subplots(figsize=(10, 6))
+    methods = list(dict.fromkeys(s.split("/", 1)[-1] for s in result.solvers()))  # same method, same colour
+    colors = plt.get_cmap("tab20")
+    for solver in result.solvers():
+        runs = [r for r in result.runs if r.solver == solver and math.isfinite(r.rmse)]
+        if not runs:
+            continue
+        style = "-" if runs[0].family == "fastsampler" else "--"
+        color = colors(methods.index(solver.split("/", 1)[-1]) % 20)
+        ax.plot([r.nfe_actual for r in runs], [r.rmse for r in runs], style, marker="o", markersize=3,
+                color=color, label=solver)
+    ax.set(xscale="log", yscale="log", xlabel="NFE (model calls)", ylabel="RMSE vs reference ODE solution",
+           title=f"preset {result.setup.preset}, guidance {result.setup.guidance_scale}, "
+                 f"batch {result.setup.batch_size} (solid: fastsampler, dashed: diffusers)")
+    ax.set_xticks(result.nfes)
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(result: BenchResult, out_dir: str | Path) -> dict[str, Path]:
+    """results.csv, results.json, table.txt and error_vs_nfe.png in ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": out / "results.csv", "json": out / "results.json", "table": out / "table.txt",
+             "plot": out / "error_vs_nfe.png"}
+    write_csv(result, paths["csv"])
+    paths["json"].write_text(json.dumps(result.to_json(), indent=2, default=float))
+    paths["table"].write_text(format_table(result) + "\n")
+    plot(result, paths["plot"])
+    return paths
