@@ -313,3 +313,31 @@ def test_forced_triton_without_cuda_is_named(sample, monkeypatch):
     monkeypatch.setenv("FASTSAMPLER_KERNEL", "fast")
     with pytest.raises(ValueError, match="FASTSAMPLER_KERNEL"):
         DPMSolverPlusPlusScheduler()
+
+
+@pytest.mark.parametrize("opts", [
+    dict(use_flow_sigmas=True, prediction_type="flow_prediction", timestep_spacing="leading"),
+    dict(noise_schedule="vp_cosine", timestep_spacing="leading"),
+])
+def test_spacing_without_meaning_is_refused(opts):
+    with pytest.raises(ValueError, match="timestep_spacing"):
+        UniPCScheduler(**opts).set_timesteps(5)
+
+
+@pytest.mark.parametrize("opts", [
+    dict(use_flow_sigmas=True, prediction_type="flow_prediction", timestep_spacing="time_quadratic"),
+    dict(use_flow_sigmas=True, prediction_type="flow_prediction", timestep_spacing="uniform_lambda"),
+    dict(use_flow_sigmas=True, prediction_type="flow_prediction", use_karras_sigmas=True),
+    dict(noise_schedule="vp_cosine"), dict(noise_schedule="vp_linear", timestep_spacing="time_quadratic"),
+    dict(timestep_spacing="uniform_lambda"), dict(timestep_spacing="time_quadratic"),
+    dict(use_karras_sigmas=True, karras_rho=3.0),
+])
+def test_grid_options_give_distinct_valid_schedules(opts):
+    """Each grid option changes the schedule (none is silently ignored) and stays strictly decreasing."""
+    base = {k: v for k, v in opts.items() if k in ("use_flow_sigmas", "prediction_type", "noise_schedule")}
+    a, b = UniPCScheduler(**opts), UniPCScheduler(**base)
+    a.set_timesteps(6)
+    b.set_timesteps(6)
+    assert torch.all(a.sigmas[:-1] > a.sigmas[1:])
+    if opts != base:
+        assert not torch.allclose(a.sigmas, b.sigmas)

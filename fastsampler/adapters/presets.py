@@ -78,7 +78,8 @@ class DEISScheduler(PlanScheduler):
 
     def _build_solver(self, nodes: Nodes):
         c = self.config
-        return DEIS(c.solver_order, self.solver_kind, c.lower_order_final, self._t_of_rho())
+        knots = self._noise_schedule.rhos if isinstance(self._noise_schedule, DiscreteVP) else None
+        return DEIS(c.solver_order, self.solver_kind, c.lower_order_final, self._t_of_rho(), knots)
 
     def _t_of_rho(self):
         """Model time as a function of the VE sigma ρ = σ/α (for tAB-DEIS)."""
@@ -88,5 +89,5 @@ class DEISScheduler(PlanScheduler):
         sched = self._noise_schedule
         if isinstance(sched, DiscreteVP):
             rhos, ts = sched.rhos, np.arange(sched.num_train_timesteps, dtype=np.float64)
-            return lambda r: float(np.interp(r, rhos, ts))  # exact inverse of the linear-in-t ρ(t)
-        return lambda r: float(sched.t_from_rho(r)) * 1000.0
+            return lambda r: np.interp(r, rhos, ts)  # exact inverse of the linear-in-t ρ(t)
+        return lambda r: sched.t_from_rho(r) * 1000.0

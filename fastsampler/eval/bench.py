@@ -105,6 +105,12 @@ def _fastsampler_specs() -> list[SolverSpec]:
               for v in ("bh1", "bh2") for k in (2, 3)]
     specs += [SolverSpec(f"fs/deis-{v}-{k}", "fastsampler", deis, {"solver_type": v, "solver_order": k})
               for v, k in (("logrho", 2), ("logrho", 3), ("tab", 3), ("rhoab", 3))]
+    # Options diffusers lacks: the exact 3M weight, DDIM's time-quadratic grid, and stopping at σ_min
+    # (diffusers' DEIS always does) instead of a first-order jump to σ = 0.
+    specs.append(SolverSpec("fs/dpmpp-3m-exact", "fastsampler", dpm, {"solver_order": 3, "exact_third_order": True}))
+    for suffix, grid in (("tq", {"timestep_spacing": "time_quadratic"}), ("smin", {"final_sigmas_type": "sigma_min"}),
+                         ("tq-smin", {"timestep_spacing": "time_quadratic", "final_sigmas_type": "sigma_min"})):
+        specs.append(SolverSpec(f"fs/unipc-bh2-3-{suffix}", "fastsampler", unipc, {"solver_order": 3, **grid}))
     return specs
 
 

@@ -206,6 +206,10 @@ def vp_grid(
             return Grid(ts, np.append(rhos, _final(spec, schedule, rhos)), False)
         else:
             if not discrete:
+                if spec.timestep_spacing != "linspace":
+                    raise ValueError(f"`timestep_spacing={spec.timestep_spacing!r}` is defined for discrete "
+                                     "timesteps; continuous VP schedules support 'linspace', 'uniform_lambda', "
+                                     "'time_quadratic' and the sigma spacings")
                 ts = np.linspace(schedule.t_max, schedule.t_min, n + 1)[:-1] * T
                 rhos = rho_of_t(ts)
                 return Grid(ts, np.append(rhos, _final(spec, schedule, rhos)), False)
@@ -276,6 +280,13 @@ def flow_grid(
         elif spec.timestep_spacing == "uniform_lambda":
             lam = np.linspace(math.log(1.0 / (T - 1)), math.log(T - 1), n + 1)[:-1]
             s = shift(1.0 / (1.0 + np.exp(lam)))
+        elif spec.timestep_spacing == "time_quadratic":
+            # quadratic in t = s·T between s = 1 and 1/T, then shifted (DDIM's "quad" spacing)
+            s = shift(np.linspace(1.0, math.sqrt(1.0 / T), n + 1)[:-1] ** 2)
+        elif spec.timestep_spacing == "leading":
+            # "trailing" and "linspace" both start at the top, which the default flow grid does; "leading" would not.
+            raise ValueError("`timestep_spacing='leading'` is defined for discrete VP timesteps; flow sigmas "
+                             "support 'linspace'/'trailing' (the default grid), 'uniform_lambda' or 'time_quadratic'")
         elif spec.flow_grid == "unipc":
             s = shift(np.linspace(1.0, 1.0 / T, n + 1)[:-1])
             if abs(s[0] - 1.0) < 1e-6:
