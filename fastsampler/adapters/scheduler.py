@@ -171,8 +171,6 @@ class PlanScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"`prediction_type` must be one of {PREDICTION_TYPES}, got {c.prediction_type!r}")
         if c.prediction_type == "flow_prediction" and not c.use_flow_sigmas:
             raise ValueError("`prediction_type='flow_prediction'` needs `use_flow_sigmas=True` (a flow-matching model)")
-        if c.use_flow_sigmas and c.prediction_type not in ("flow_prediction", "epsilon", "sample", "v_prediction"):
-            raise ValueError("flow matching supports prediction_type 'flow_prediction' (velocity) or 'sample'")
         if self.algorithm not in self._algorithm_types:
             raise ValueError(f"{name}: `algorithm_type` must be one of {self._algorithm_types}, got {c.algorithm_type!r}")
         if self.solver_kind not in self._solver_types:
@@ -187,8 +185,6 @@ class PlanScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"`dynamic_thresholding_ratio` must be in (0, 1], got {c.dynamic_thresholding_ratio}")
         if c.sample_max_value < 1.0:
             raise ValueError(f"`sample_max_value` must be ≥ 1, got {c.sample_max_value}")
-        if c.thresholding and c.use_flow_sigmas is False and c.prediction_type not in PREDICTION_TYPES:
-            raise ValueError("thresholding needs a known prediction_type")
         if c.variance_type not in VARIANCE_TYPES:
             raise ValueError(f"`variance_type` must be one of {VARIANCE_TYPES}, got {c.variance_type!r}")
         if c.num_train_timesteps < 2:
@@ -306,6 +302,8 @@ class PlanScheduler(SchedulerMixin, ConfigMixin):
             plan = _PLAN_CACHE.get(key)
             if plan is None:
                 plan = compile_plan(self._build_solver(nodes), nodes, self.config.prediction_type)
+                for table in (plan.conv, plan.x0_conv, plan.d_from_x0, plan.x_coef, plan.s_coef, plan.s_write):
+                    table.flags.writeable = False  # shared through the cache
                 _PLAN_CACHE.put(key, plan)
         self._grid, self._plan = grid, plan
         self._rows = _ROWS_CACHE.get(key) if key is not None else None

@@ -112,7 +112,7 @@ class Plan:
         return bool(np.any(self.x_coef[..., SRC_Z] != 0))
 
     def to_json(self) -> str:
-        arrays = {k: getattr(self, k).tolist() for k in
+        arrays = {k: getattr(self, k).tolist() for k in  # numpy: ok-sync
                   ("conv", "x0_conv", "d_from_x0", "x_coef", "s_coef", "s_write", "write_slot")}
         return json.dumps({"format": "fastsampler-plan/1", "meta": self.meta, **arrays})
 
@@ -170,6 +170,6 @@ def compile_plan(solver: Solver, nodes: Nodes, prediction_type: str) -> Plan:
         d_from_x0[i] = (0.0, 1.0) if solver.data_form else (1.0 / s, -a / s)
     if not (np.all(np.isfinite(x_coef)) and np.all(np.isfinite(s_coef)) and np.all(np.isfinite(conv))):
         raise FloatingPointError(f"{type(solver).__name__} produced non-finite coefficients on this grid")
+    grid = {"timesteps": nodes.timesteps.tolist(), "rho": nodes.rho.tolist(), "flow": nodes.flow}  # numpy: ok-sync
     return Plan(conv, x0_conv, d_from_x0, x_coef, s_coef, s_write, np.arange(n) % k,
-                meta={"solver": type(solver).__name__, "prediction_type": prediction_type,
-                      "timesteps": nodes.timesteps.tolist(), "rho": nodes.rho.tolist(), "flow": nodes.flow})
+                meta={"solver": type(solver).__name__, "prediction_type": prediction_type, **grid})

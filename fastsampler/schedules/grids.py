@@ -134,7 +134,7 @@ def _check_custom(values: Sequence[float], name: str, lo: float, hi: float) -> n
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"`{name}` must be finite")
     if np.any(np.diff(arr) >= 0):
-        raise ValueError(f"`{name}` must be strictly decreasing, got {arr.tolist()}")
+        raise ValueError(f"`{name}` must be strictly decreasing, got {arr.tolist()}")  # numpy: ok-sync
     if arr.min() < lo or arr.max() > hi:
         raise ValueError(f"`{name}` must lie in [{lo}, {hi}], got min {arr.min()} and max {arr.max()}")
     return arr
