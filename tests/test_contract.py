@@ -341,3 +341,19 @@ def test_grid_options_give_distinct_valid_schedules(opts):
     assert torch.all(a.sigmas[:-1] > a.sigmas[1:])
     if opts != base:
         assert not torch.allclose(a.sigmas, b.sigmas)
+
+
+def test_saved_state_does_not_alias_the_callers_sample(sample):
+    """A pipeline may modify its latents in place after step(); the scheduler's saved state must not change."""
+    outs = []
+    for mutate in (False, True):
+        s = UniPCScheduler(solver_order=2)
+        s.set_timesteps(5)
+        x = sample.clone()
+        for i, t in enumerate(s.timesteps):
+            y = s.step(index_model(x, i), t, x).prev_sample
+            if mutate:
+                x.mul_(0.0)  # the caller reuses its buffer
+            x = y
+        outs.append(x)
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from fastsampler.kernels.row import SRC_SLOTS, SRC_X, Row
+from fastsampler.kernels.row import SRC_S, SRC_SLOTS, SRC_X, SRC_Z, Row
 
 
 def _lincomb(terms: tuple[tuple[int, float], ...], sources: list[torch.Tensor | None]) -> torch.Tensor:
@@ -43,7 +43,7 @@ def combine(row: Row, x: torch.Tensor, slots: tuple[torch.Tensor, ...], saved: t
     if row.s_terms is None:
         return x_next, saved
     if row.s_terms == ((SRC_X, 1.0),):
-        return x_next, x  # saving the input: no copy needed, nothing writes to it later
+        return x_next, x  # saving the input as it is (apply_row_torch passes a private copy)
     return x_next, (_lincomb(row.s_terms, sources) if row.s_terms else torch.zeros_like(x))
 
 
@@ -53,7 +53,15 @@ def apply_row_torch(row: Row, x: torch.Tensor, out: torch.Tensor, history: torch
     """One full update. ``prediction_written``: a hook (thresholding) already stored D in the history.
     ``coef`` (the packed row on the device) is accepted for signature parity with the Triton kernel."""
     dtype = history.dtype
+    terms = row.x_terms + (row.s_terms or ())
+    if saved is None and any(j == SRC_S for j, _ in terms):
+        raise ValueError("the row reads the saved state S but `saved` is None")
+    if noise is None and any(j == SRC_Z for j, _ in terms):
+        raise ValueError("the row reads noise Z but `noise` is None")
     x32 = x if x.dtype == dtype else x.to(dtype)
+    if x32 is x and row.s_terms == ((SRC_X, 1.0),):
+        # S keeps this state for later steps: never alias the caller's tensor, which a pipeline may reuse.
+        x32 = x.clone()
     slots = history.unbind(0)
     if not prediction_written:
         write_prediction(row, x32, out if out.dtype == dtype else out.to(dtype), slots[row.write_slot])
