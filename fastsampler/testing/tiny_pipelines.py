@@ -291,6 +291,13 @@ def _flow_vae(seed: int, latent_channels: int):
 # --------------------------------------------------------------------------------------------
 
 
+def _assemble(cls, components: dict, **extra):
+    """Build a pipeline from its components, progress bars off (tests call them many times)."""
+    pipe = cls(**components, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def tiny_ddpm_pipeline(scheduler=None, seed: int = 0):
     """``DDPMPipeline`` with an 8x8, 3-channel ``UNet2DModel`` (block_out_channels (8, 16)).
 
@@ -321,9 +328,7 @@ def tiny_ddpm_pipeline(scheduler=None, seed: int = 0):
             variance_type="fixed_small",
             prediction_type="epsilon",
         )
-    pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return _assemble(DDPMPipeline, {"unet": unet, "scheduler": scheduler})
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,9 +383,7 @@ def tiny_sd_pipeline(scheduler=None, cls=None, seed: int = 0):
     from diffusers import StableDiffusionPipeline
 
     cls = StableDiffusionPipeline if cls is None else cls
-    pipe = cls(**tiny_sd_components(scheduler=scheduler, seed=seed), requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return _assemble(cls, tiny_sd_components(scheduler=scheduler, seed=seed), requires_safety_checker=False)
 
 
 def tiny_sd_img2img_pipeline(scheduler=None, seed: int = 0):
@@ -447,9 +450,7 @@ def tiny_sdxl_pipeline(scheduler=None, cls=None, seed: int = 0):
     from diffusers import StableDiffusionXLPipeline
 
     cls = StableDiffusionXLPipeline if cls is None else cls
-    pipe = cls(**tiny_sdxl_components(scheduler=scheduler, seed=seed), add_watermarker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return _assemble(cls, tiny_sdxl_components(scheduler=scheduler, seed=seed), add_watermarker=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -503,9 +504,7 @@ def tiny_flux_pipeline(scheduler=None, seed: int = 0):
     """A tiny ``FluxPipeline`` (call it with height=width=16 and max_sequence_length<=48)."""
     from diffusers import FluxPipeline
 
-    pipe = FluxPipeline(**tiny_flux_components(scheduler=scheduler, seed=seed))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return _assemble(FluxPipeline, tiny_flux_components(scheduler=scheduler, seed=seed))
 
 
 # --------------------------------------------------------------------------------------------
@@ -555,6 +554,4 @@ def tiny_sd3_pipeline(scheduler=None, seed: int = 0):
     """A tiny ``StableDiffusion3Pipeline`` (call it with height=width=16, max_sequence_length<=48)."""
     from diffusers import StableDiffusion3Pipeline
 
-    pipe = StableDiffusion3Pipeline(**tiny_sd3_components(scheduler=scheduler, seed=seed))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return _assemble(StableDiffusion3Pipeline, tiny_sd3_components(scheduler=scheduler, seed=seed))
