@@ -357,3 +357,24 @@ def test_saved_state_does_not_alias_the_callers_sample(sample):
             x = y
         outs.append(x)
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+
+
+def test_deferred_finiteness_check_names_the_first_bad_step(monkeypatch, sample):
+    """On an accelerator the NaN test is kept on the device and read once, at the last step; it still names
+    the first bad step. Exercised on CPU by forcing the deferred path."""
+    monkeypatch.setattr(DPMSolverPlusPlusScheduler, "_defer_checks", staticmethod(lambda device: True))
+    s = DPMSolverPlusPlusScheduler()
+    s.set_timesteps(5)
+    x = sample
+    with pytest.raises(NonFiniteModelOutputError, match="step 1 "):
+        for i, t in enumerate(s.timesteps):
+            out = index_model(x, i)
+            if i in (1, 3):
+                out[0, 0, 0, 0] = float("inf")
+            x = s.step(out, t, x).prev_sample
+            assert i == 0 or i < 4  # no error before the last step
+    # A new run starts clean.
+    s.set_timesteps(3)
+    x = sample
+    for i, t in enumerate(s.timesteps):
+        x = s.step(index_model(x, i), t, x).prev_sample

@@ -247,6 +247,7 @@ class PlanScheduler(SchedulerMixin, ConfigMixin):
         self._saved: torch.Tensor | None = None
         self._device_table: torch.Tensor | None = None
         self._buffer_key: tuple | None = None
+        self._nonfinite_step: torch.Tensor | None = None  # device-side flag of the deferred finiteness test
         self._thresholding = bool(self.config.thresholding)
         self._check = bool(self.config.check_finite)
         # DDPM's fixed_* variances only matter to ancestral sampling; learned ones add output channels to drop.
@@ -457,12 +458,12 @@ class PlanScheduler(SchedulerMixin, ConfigMixin):
         # On an accelerator reading the flag would sync, so there it is kept on the device and read once,
         # on the last step (the pipeline syncs then anyway).
         total = prediction.sum()
-        if prediction.device.type == "cpu":
+        if not self._defer_checks(prediction.device):
             if not math.isfinite(total):  # a CPU tensor: no device to sync with
                 self._raise_nonfinite(i)
             return
         bad = ~torch.isfinite(total)
-        flag = self._nonfinite_step if getattr(self, "_nonfinite_step", None) is not None else \
+        flag = self._nonfinite_step if self._nonfinite_step is not None else \
             torch.full((), -1, dtype=torch.int64, device=prediction.device)
         self._nonfinite_step = torch.where(bad & (flag < 0), torch.full_like(flag, i), flag)
         if i == self.num_inference_steps - 1:
@@ -470,6 +471,11 @@ class PlanScheduler(SchedulerMixin, ConfigMixin):
             self._nonfinite_step = None
             if first >= 0:
                 self._raise_nonfinite(first)
+
+    @staticmethod
+    def _defer_checks(device: torch.device) -> bool:
+        """Whether reading a flag on ``device`` would stall the host (any accelerator)."""
+        return device.type != "cpu"
 
     def _raise_nonfinite(self, i: int) -> None:
         t = self._timesteps_np[i]
