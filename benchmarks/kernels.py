@@ -1,6 +1,6 @@
 """Bandwidth of the per-step update: fused Triton kernel vs the torch path vs a whole scheduler step().
 
-For each solver — DPM-Solver++ 2M, SDE-DPM-Solver++ 2M (a noise row), UniPC-3 (reads and writes the saved state)
+For each solver — DPM-Solver++ 2M, SDE-DPM-Solver++ 2M (a noise row), UniPC-3 (reads and writes its register)
 — each latent size and dtype, one representative plan row (mid-run, full history) is timed as:
 
 * ``fused``: ``apply_row_triton`` with the device-resident coefficient row (what our scheduler launches);
@@ -11,7 +11,7 @@ For each solver — DPM-Solver++ 2M, SDE-DPM-Solver++ 2M (a noise row), UniPC-3 
   (DPMSolverMultistepScheduler / UniPCMultistepScheduler).
 
 Effective GB/s = the bytes the row must move (read X and O in their dtype, S / Z / the older history slots it
-uses in fp32; write X_next, D, and S_new when it saves a new state) ÷ time; the same byte count is used for all
+uses in fp32; write X_next, the stored prediction and the registers it updates) ÷ time; the same byte count is used for all
 four, so the columns compare times. A 10-step sampling loop with a trivial model (out = 0.1·x, set_timesteps
 included) is timed for ours (Triton), ours (torch) and diffusers.
 
@@ -67,21 +67,14 @@ def solvers() -> dict:
 def bytes_moved(row, numel: int, x_bytes: int, o_bytes: int, prediction_written: bool = False) -> int:
     """The traffic a row cannot avoid: every source it uses read once, every output written once.
 
-    Reads X and O (element sizes ``x_bytes``, ``o_bytes``), and in fp32: S and Z if a coefficient uses them, each
-    used history slot except this step's (D is produced in registers; read instead if a hook already wrote it).
-    Writes X_next (x_bytes), D (fp32, unless prediction_written) and S_new (fp32) on rows that save — except a row
-    that saves its fp32 input unchanged, which needs no new copy."""
-    from fastsampler.kernels.row import SRC_S, SRC_SLOTS, SRC_X, SRC_Z
-
-    terms = row.x_terms + (row.s_terms or ())
-    used = {j for j, _ in terms}
-    slots = {j - SRC_SLOTS for j in used if j >= SRC_SLOTS}
-    reads = x_bytes + 4 * (SRC_S in used) + 4 * (SRC_Z in used)
-    reads += 4 * len(slots - ({row.write_slot} if not prediction_written else set()))
-    reads += 0 if prediction_written else o_bytes
-    writes = x_bytes + (0 if prediction_written else 4)
-    if row.s_terms is not None and not (row.s_terms == ((SRC_X, 1.0),) and x_bytes == 4):
-        writes += 4
+    Reads X and O (element sizes ``x_bytes``, ``o_bytes``; P from its slot instead of O if a hook already wrote
+    it), and in fp32: Z if the row uses noise, each register and each other history slot the fused row reads.
+    Writes X_next (x_bytes), the stored prediction (fp32, unless a hook wrote P and the row does not mix its
+    store) and each register the row writes (fp32)."""
+    reads = x_bytes + (4 if prediction_written else o_bytes) + 4 * row.uses_noise
+    reads += 4 * (bin(row.kernel_registers).count("1") + bin(row.kernel_slots).count("1"))
+    writes = x_bytes + (0 if prediction_written and not row.mixes_store else 4)
+    writes += 4 * bin(row.writes_registers).count("1")
     return numel * (reads + writes)
 
 
@@ -161,17 +154,19 @@ def run(device: str, sizes, dtypes, reps: int) -> list[dict]:
                 sched.set_timesteps(STEPS, device=device)
                 i = STEPS // 2
                 level = sched.plan.levels - 1
-                row = sched._rows[level][i]
+                row = sched.plan.rows[level][i]
                 out = model(x)
                 hist = torch.randn((sched.plan.slots, *shape), device=device, generator=g)
-                saved = torch.randn(shape, device=device, generator=g)
+                regs = torch.randn((row.registers, *shape), device=device, generator=g)
+                state = tuple(regs.unbind(0))
                 noise = torch.randn(shape, device=device, generator=g) if row.uses_noise else None
                 coef = torch.tensor(row.packed, dtype=torch.float32, device=device)
                 moved = bytes_moved(row, x.numel(), x.element_size(), out.element_size())
 
-                t_fused = timer(lambda: apply_row_triton(row, x, out, hist, saved, noise, coef=coef), device, reps)
+                t_fused = timer(lambda: apply_row_triton(row, x, out, hist, regs if row.registers else None, noise,
+                                                         coef=coef), device, reps)
                 config = str(getattr(_plan_row_kernel, "best_config", "")) if device == "cuda" else "interpreter"
-                t_torch = timer(lambda: apply_row_torch(row, x, out, hist, saved, noise), device, reps)
+                t_torch = timer(lambda: apply_row_torch(row, x, out, hist, state, noise), device, reps)
                 t_ours = timer(step_at(ours(kernel="triton"), i, x, noise), device, reps)
                 t_ours_nc = timer(step_at(ours(kernel="triton", check_finite=False), i, x, noise), device, reps)
                 t_theirs = timer(step_at(theirs(), i, x, noise), device, reps)
@@ -184,7 +179,8 @@ def run(device: str, sizes, dtypes, reps: int) -> list[dict]:
                     loops[path] = timer(lambda: loop(s, x, gen), device, max(reps, 1))
 
                 r = dict(solver=name, shape="x".join(map(str, shape)), dtype=dname, numel=x.numel(), bytes=moved,
-                         row=dict(write_slot=row.write_slot, x_terms=row.x_terms, s_terms=row.s_terms),
+                         row=dict(write_slot=row.write_slot, next_terms=row.next_terms,
+                                  register_terms=row.register_terms, store_terms=row.store_terms),
                          triton_config=config,
                          fused_us=t_fused * 1e6, torch_us=t_torch * 1e6, ours_step_us=t_ours * 1e6,
                          ours_step_nocheck_us=t_ours_nc * 1e6, diffusers_step_us=t_theirs * 1e6,

@@ -2,7 +2,7 @@
 
 from fastsampler.adapters.presets import DEISScheduler, DPMSolverPlusPlusScheduler, UniPCScheduler
 from fastsampler.adapters.scheduler import NonFiniteModelOutputError, PlanScheduler
-from fastsampler.samplers.plan import Plan
+from fastsampler.plans.format import Plan
 
 __all__ = ["DPMSolverPlusPlusScheduler", "DEISScheduler", "UniPCScheduler", "PlanScheduler", "Plan",
            "NonFiniteModelOutputError"]

@@ -8,7 +8,8 @@ import diffusers
 import pytest
 import torch
 
-from fastsampler import DEISScheduler, DPMSolverPlusPlusScheduler, NonFiniteModelOutputError, UniPCScheduler
+from fastsampler import (DEISScheduler, DPMSolverPlusPlusScheduler, NonFiniteModelOutputError, PlanScheduler,
+                         UniPCScheduler)
 from parity_util import index_model, run_loop
 
 SCHEDULERS = [
@@ -72,6 +73,7 @@ def test_low_precision_loop_keeps_dtype(cls, opts, dtype, sample):
     assert torch.isfinite(x.float()).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls,opts", SCHEDULERS, ids=IDS)
 def test_every_step_count_is_finite(cls, opts):
     x = torch.randn(1, 2, 2, 2, generator=torch.Generator().manual_seed(0))
@@ -119,6 +121,8 @@ def test_flow_match_euler_config_switch():
 
 
 def test_add_noise_and_begin_index(sample):
+    """add_noise uses the noise level of the timestep it is given (on the grid: the grid's node), whatever the
+    begin index; step() then starts at the begin index."""
     s = DPMSolverPlusPlusScheduler()
     s.set_timesteps(50)
     noise = torch.randn_like(sample)
@@ -128,7 +132,7 @@ def test_add_noise_and_begin_index(sample):
     torch.testing.assert_close(noisy, alpha * sample + alpha * s.sigmas[5] * noise)
     assert noisy.device == sample.device
     s.set_begin_index(10)
-    torch.testing.assert_close(s.add_noise(sample, noise, t), s.add_noise(sample, noise, s.timesteps[10][None]))
+    torch.testing.assert_close(s.add_noise(sample, noise, t), noisy)
     s.step(0.1 * sample, s.timesteps[10], noisy)
     assert s.step_index == 11
     with pytest.raises(ValueError, match="begin_index"):
@@ -149,20 +153,28 @@ def test_img2img_start_matches_full_schedule_history_reset(sample):
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
 
 
-def test_step_makes_no_host_sync(monkeypatch, sample):
-    """step() may not call .item(), .tolist() or .nonzero() (each is a device sync on an accelerator)."""
+@pytest.mark.parametrize("accelerator", [False, True], ids=["cpu", "accelerator-branch"])
+def test_step_makes_no_host_sync(monkeypatch, sample, accelerator):
+    """step() may not read a tensor on the host: no .item(), .tolist(), .nonzero(), float(), int() or bool() of a
+    tensor (each is a device sync on an accelerator). On the CPU the immediate finiteness check reads one sum, so
+    the CPU run allows float() of a 0-d tensor only; the accelerator branch (forced here) allows nothing."""
+    if accelerator:
+        monkeypatch.setattr(PlanScheduler, "_on_accelerator", staticmethod(lambda device: True))
     schedulers = [cls(**opts) for cls, opts in SCHEDULERS] + [
         DPMSolverPlusPlusScheduler(thresholding=True, sample_max_value=2.0)]
     for s in schedulers:
         s.set_timesteps(8)
 
-    def forbid(name):
-        def fail(*args, **kwargs):
+    def forbid(name, original=None):
+        def fail(self, *args, **kwargs):
+            if original is not None and not accelerator and self.ndim == 0 and self.device.type == "cpu":
+                return original(self, *args, **kwargs)  # the CPU finiteness check: no device to sync with
             raise AssertionError(f"step() called Tensor.{name}")
         return fail
 
-    for name in ("item", "tolist", "nonzero"):
+    for name in ("item", "tolist", "nonzero", "__int__", "__bool__"):
         monkeypatch.setattr(torch.Tensor, name, forbid(name))
+    monkeypatch.setattr(torch.Tensor, "__float__", forbid("__float__", torch.Tensor.__float__))
     for s in schedulers:
         x = sample
         for i, t in enumerate(s.timesteps):
@@ -360,19 +372,22 @@ def test_saved_state_does_not_alias_the_callers_sample(sample):
 
 
 def test_deferred_finiteness_check_names_the_first_bad_step(monkeypatch, sample):
-    """On an accelerator the NaN test is kept on the device and read once, at the last step; it still names
-    the first bad step. Exercised on CPU by forcing the deferred path."""
-    monkeypatch.setattr(DPMSolverPlusPlusScheduler, "_defer_checks", staticmethod(lambda device: True))
+    """On an accelerator the NaN test is kept on the device and read asynchronously on later steps; it names the
+    first bad step. Exercised on CPU by forcing the accelerator path (copies complete at once there, so the step
+    after the bad one raises)."""
+    monkeypatch.setattr(DPMSolverPlusPlusScheduler, "_on_accelerator", staticmethod(lambda device: True))
     s = DPMSolverPlusPlusScheduler()
     s.set_timesteps(5)
     x = sample
+    raised_at = None
     with pytest.raises(NonFiniteModelOutputError, match="step 1 "):
         for i, t in enumerate(s.timesteps):
             out = index_model(x, i)
             if i in (1, 3):
                 out[0, 0, 0, 0] = float("inf")
+            raised_at = i
             x = s.step(out, t, x).prev_sample
-            assert i == 0 or i < 4  # no error before the last step
+    assert raised_at == 1  # the copy of step 1's flag landed at once on CPU
     # A new run starts clean.
     s.set_timesteps(3)
     x = sample

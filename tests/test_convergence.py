@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fastsampler import DEISScheduler, DPMSolverPlusPlusScheduler, UniPCScheduler
-from gaussian_util import GaussianModel
+from fastsampler.eval import gmm
 
 COMMON = dict(noise_schedule="vp_linear", use_karras_sigmas=True, final_sigmas_type="sigma_min")
 STEPS = (48, 96, 192)
@@ -43,18 +43,23 @@ CASES = {
 }
 
 
+TAU = 0.3
+
+
 def final_error(scheduler, n: int, prediction_type: str = "epsilon") -> float:
+    """RMSE at the grid's final level against the closed-form solution (``fastsampler.eval.gmm`` is the oracle)."""
     torch.manual_seed(0)
     mu = 0.5 * torch.randn(1, 16, dtype=torch.float64)
     x_start = torch.randn(8, 16, dtype=torch.float64)
-    model = GaussianModel(mu, 0.3, prediction_type)
+    model = gmm.MixtureModel.from_scheduler_config(gmm.MixtureDenoiser(gmm.single_gaussian(mu, TAU)),
+                                                   scheduler.config, prediction_type)
     scheduler.set_timesteps(n)
-    a0, s0 = model.alpha_sigma(scheduler.timesteps[0])
+    a0, s0 = (float(v) for v in model.alpha_sigma(scheduler.timesteps[0]))
     x = x_start.clone()
     for t in scheduler.timesteps:
         x = scheduler.step(model(x, t), t, x).prev_sample
     rho_end = float(scheduler.sigmas[-1])
-    exact = model.solution(x_start / a0, s0 / a0, rho_end) / np.sqrt(1.0 + rho_end**2)
+    exact = gmm.single_gaussian_solution(x_start, mu, TAU, a0, s0, rho_end) / np.sqrt(1.0 + rho_end**2)
     return float((x - exact).pow(2).mean().sqrt())
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -165,6 +166,7 @@ def test_metrics(mixture):
     assert metrics.overshoot(torch.tensor([[1.5, -2.0, 0.3, 1.0]])) == pytest.approx((0.5 + 1.0) / 4)
 
 
+@pytest.mark.slow
 def test_bench_cli_end_to_end(monkeypatch, tmp_path):
     monkeypatch.setenv("FASTSAMPLER_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"
@@ -182,3 +184,35 @@ def test_bench_cli_end_to_end(monkeypatch, tmp_path):
         assert (out / name).stat().st_size > 0
     rerun = CliRunner().invoke(bench, args)
     assert rerun.exit_code == 0 and "cached" in rerun.output
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "flipped", "wrong_shape"])
+def test_corrupt_reference_cache_is_recomputed(monkeypatch, tmp_path, mixture, damage):
+    """An unreadable or invalid cache file is recomputed with a warning naming it, and overwritten."""
+    monkeypatch.setenv("FASTSAMPLER_CACHE", str(tmp_path))
+    x_start = torch.randn(3, 2, generator=torch.Generator().manual_seed(4))
+    args = (MixtureDenoiser(mixture), x_start, 0.1, 0.99)
+    clean = reference.reference_solution(*args)
+    path = reference.cache_dir() / f"{clean.key}.npz"
+    raw = path.read_bytes()
+    if damage == "garbage":
+        path.write_bytes(b"not an npz file at all")
+    elif damage == "truncated":
+        path.write_bytes(raw[:len(raw) // 2])
+    elif damage == "flipped":  # a bit flip in x0's data: the zip member's CRC catches it
+        at = raw.find(clean.x0.numpy().tobytes())
+        assert at > 0
+        path.write_bytes(raw[:at] + bytes([raw[at] ^ 0xFF]) + raw[at + 1:])
+    else:
+        np.savez(path.with_suffix(".tmp.npz"), x0=np.zeros((2, 2)), meta=np.array("{}"))
+        path.with_suffix(".tmp.npz").replace(path)
+    with pytest.warns(RuntimeWarning, match=f"{path.name} is unusable, recomputing it"):
+        again = reference.reference_solution(*args)
+    assert not again.from_cache and again.key == clean.key
+    torch.testing.assert_close(again.x0, clean.x0, rtol=0, atol=0)
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # rewritten in place, no temporary left
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        cached = reference.reference_solution(*args)
+    assert cached.from_cache
+    torch.testing.assert_close(cached.x0, clean.x0, rtol=0, atol=0)

@@ -6,6 +6,7 @@ import faulthandler
 import json
 import os
 import socket
+import warnings
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, cache: str) -> None:
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process(tmp_path, ref_cache):
     two, one = tmp_path / "two", tmp_path / "one"
     torch.multiprocessing.spawn(_worker, args=(2, _free_port(), str(two), str(ref_cache)), nprocs=2, join=True)
@@ -141,7 +143,8 @@ def test_interrupted_run_resumes_only_missing_shards(tmp_path, ref_cache):
     mtimes = {i: shard_path(run_dir, i).stat().st_mtime_ns for i in range(3)}
     shard_path(run_dir, 1).unlink()                     # "interrupted" before shard 1 was written
     shard_path(run_dir, 2).write_bytes(b"truncated")     # or while shard 2 was being written
-    second = run_sweep(spec, N, tmp_path, cache_dir=ref_cache, progress=False, ctx=DistContext())[0]
+    with pytest.warns(RuntimeWarning, match=r"shard_00002\.safetensors cannot be reused.*unreadable"):
+        second = run_sweep(spec, N, tmp_path, cache_dir=ref_cache, progress=False, ctx=DistContext())[0]
     assert (second.shards_generated, second.shards_reused) == (2, 1)
     assert shard_path(run_dir, 0).stat().st_mtime_ns == mtimes[0]
     assert shard_path(run_dir, 1).is_file() and shard_path(run_dir, 2).stat().st_mtime_ns != mtimes[2]
@@ -168,3 +171,137 @@ def test_cli_writes_json_and_plot(tmp_path, ref_cache):
     assert (tmp_path / "fid_results.png").stat().st_size > 0
     bad = CliRunner().invoke(fid, ["--features", "inception", "-n", "4", "--out", str(tmp_path / "x")])
     assert bad.exit_code != 0 and "--inception-weights" in bad.output
+
+
+def _flip_byte(path: Path, offset: int) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def test_resume_regenerates_shards_whose_checksum_or_metadata_do_not_match(tmp_path, ref_cache):
+    """A shard with the right image count is still regenerated when its bytes or its provenance are wrong."""
+    from safetensors.torch import save_file
+
+    spec, n = SPECS[:1], 4 * SHARD
+    first = run_sweep(spec, n, tmp_path, cache_dir=ref_cache, progress=False, ctx=DistContext())[0]
+    run_dir = Path(first.run_dir)
+    paths = [shard_path(run_dir, i) for i in range(4)]
+    shards = [(images.clone(), meta) for images, meta in map(fidmod.read_shard, paths)]  # not the mmapped files
+    _flip_byte(paths[0], -1)  # bit rot in the image bytes (they are at the end of the file)
+    save_file({"images": shards[2][0]}, str(paths[1]), metadata=shards[1][1])  # another tensor, same length
+    config = json.loads(shards[2][1]["scheduler_config"])
+    foreign = {**shards[2][1], "steps": "4", "scheduler_config": json.dumps({**config, "timestep_spacing": "leading"},
+                                                                            sort_keys=True)}
+    fidmod._write_shard(paths[2], shards[2][0], foreign)  # a consistent shard of another configuration
+    save_file({"images": shards[3][0]}, str(paths[3]), metadata={"shard": "3", "nfe": "3"})  # old format
+    with pytest.warns(RuntimeWarning) as caught:
+        second = run_sweep(spec, n, tmp_path, cache_dir=ref_cache, progress=False, ctx=DistContext())[0]
+    messages = [str(w.message) for w in caught if "cannot be reused" in str(w.message)]
+    expected = {0: "checksum mismatch", 1: "checksum mismatch", 3: "no checksum",
+                2: "metadata differs: scheduler_config: timestep_spacing stored 'leading', expected 'trailing'; "
+                   "steps: stored '4', expected '3'"}
+    assert len(messages) == 4, messages
+    for i, reason in expected.items():
+        assert any(str(paths[i]) in m and reason in m for m in messages), (i, messages)
+    assert (second.shards_generated, second.shards_reused) == (4, 0)
+    assert second.fid == first.fid
+    for path, (images, _) in zip(paths, shards):
+        assert torch.equal(fidmod.read_shard(path)[0], images)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        third = run_sweep(spec, n, tmp_path, cache_dir=ref_cache, progress=False, ctx=DistContext())[0]
+    assert (third.shards_generated, third.shards_reused) == (0, 4) and third.fid == first.fid
+
+
+def test_shards_record_checksum_and_everything_the_images_depend_on(tmp_path):
+    pipe = load_digits_pipeline()
+    spec = RunSpec("DDIMScheduler", 2, {"timestep_spacing": "trailing"}, seed=5, shard_size=4)
+    fidmod.generate_shards(pipe.unet, dict(pipe.scheduler.config), spec, 6, tmp_path, progress=False,
+                           pipeline="pipe-id")
+    images, meta = fidmod.read_shard(shard_path(tmp_path, 1))
+    assert meta["sha256"] == fidmod.images_sha256(images)
+    assert (meta["shard"], meta["count"], meta["shape"], meta["dtype"]) == ("1", "2", "[2, 1, 16, 16]", "torch.uint8")
+    assert (meta["seed"], meta["shard_seed"], meta["shard_size"]) == ("5", str(fidmod.shard_seed(5, 1)), "4")
+    assert (meta["scheduler"], meta["scheduler_class"], meta["steps"], meta["pipeline"]) == (
+        "DDIMScheduler", "DDIMScheduler", "2", "pipe-id")
+    config = json.loads(meta["scheduler_config"])
+    assert config["timestep_spacing"] == "trailing" and config["num_train_timesteps"] == 1000
+    with pytest.raises(RuntimeError, match="shard_00000.safetensors: the image bytes do not match"):
+        _flip_byte(shard_path(tmp_path, 0), -1)
+        list(fidmod.iter_shards(tmp_path, 6, 4))
+
+
+def _fake_torchrun(monkeypatch, rank: int, local_rank: int, world: int = 2) -> list[int]:
+    """torchrun's environment and an initialised process group, without one; returns the set_device calls."""
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: rank)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: world)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    calls: list[int] = []
+    monkeypatch.setattr(torch.cuda, "set_device", calls.append)
+    return calls
+
+
+def test_each_torchrun_rank_gets_its_local_gpu(monkeypatch):
+    calls = _fake_torchrun(monkeypatch, rank=3, local_rank=1)
+    ctx = fidmod.distributed_context()
+    assert (ctx.rank, ctx.world_size, ctx.local_rank) == (3, 2, 1)
+    assert fidmod.select_device("cuda", ctx) == "cuda:1" and calls == [1]
+    assert fidmod.select_device("cuda:2", ctx) == "cuda:2" and calls == [1, 2]  # an explicit index is kept
+    assert fidmod.select_device("cpu", ctx) == "cpu" and calls == [1, 2]       # CPU: nothing changes
+    with pytest.raises(RuntimeError, match="LOCAL_RANK 5.*only 4 CUDA device"):
+        fidmod.select_device("cuda", DistContext(5, 8, 5))
+    monkeypatch.delenv("LOCAL_RANK")
+    assert fidmod.distributed_context().local_rank == 3  # no LOCAL_RANK: one machine, local rank = rank
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert fidmod.select_device("cuda", fidmod.distributed_context()) == "cuda:0"
+
+
+def test_run_sweep_samples_on_the_local_rank_gpu(monkeypatch, tmp_path):
+    calls = _fake_torchrun(monkeypatch, rank=1, local_rank=1)
+    moved_to: list[str] = []
+
+    class Stop(Exception):
+        pass
+
+    class FakePipeline:
+        def to(self, device):
+            moved_to.append(device)
+            raise Stop
+
+    monkeypatch.setattr(fidmod, "load_pipeline", lambda path: FakePipeline())
+    with pytest.raises(Stop):
+        run_sweep(SPECS[:1], N, tmp_path, device="cuda", progress=False, ctx=fidmod.distributed_context())
+    assert moved_to == ["cuda:1"] and calls == [1]
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "flipped"])
+def test_corrupt_reference_stats_cache_is_recomputed(tmp_path, damage):
+    from safetensors.torch import load_file
+
+    extractor = Extractor.create("digits")
+    clean = fidmod.reference_stats(extractor, "digits-test", tmp_path / "clean")
+    fidmod.reference_stats(extractor, "digits-test", tmp_path / "damaged")
+    (path,) = (tmp_path / "damaged").glob("refstats_digits_*.safetensors")
+    raw = path.read_bytes()
+    if damage == "garbage":
+        path.write_bytes(b"PK\x03\x04 definitely not safetensors" * 3)
+    elif damage == "truncated":
+        path.write_bytes(raw[:len(raw) // 2])
+    else:
+        _flip_byte(path, -3)
+    with pytest.warns(RuntimeWarning, match=f"{path.name} is unusable, recomputing it"):
+        again = fidmod.reference_stats(extractor, "digits-test", tmp_path / "damaged")
+    assert again.keys() == clean.keys()
+    for name in clean:
+        assert torch.equal(again[name], clean[name]), name
+    rewritten = load_file(str(path))
+    assert all(torch.equal(rewritten[name], clean[name]) for name in clean)
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temporary file left behind
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        fidmod.reference_stats(extractor, "digits-test", tmp_path / "damaged")

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from fastsampler import DEISScheduler, DPMSolverPlusPlusScheduler, UniPCScheduler
+from fastsampler.plans.format import OUT_NEXT, src_slot
 from parity_util import run_loop
 
 warnings.filterwarnings("ignore", message=".*lower_order_final.*")
@@ -111,13 +112,13 @@ def test_deis_coefficients_vs_float64():
 
     s = DEISScheduler(solver_order=3, final_sigmas_type="sigma_min", lower_order_final=False)
     s.set_timesteps(25)
-    rho = s._grid.rhos
     plan, i = s.plan, 10
+    rho = plan.rho
     r_t, r0, r1, r2 = rho[i + 1], rho[i], rho[i - 1], rho[i - 2]
     coef = [ind_fn(r_t, r0, r1, r2) - ind_fn(r0, r0, r1, r2), ind_fn(r_t, r1, r2, r0) - ind_fn(r0, r1, r2, r0),
             ind_fn(r_t, r2, r0, r1) - ind_fn(r0, r2, r0, r1)]
     alpha_t = 1 / np.sqrt(1 + r_t**2)
-    slots = plan.x_coef[2, i, 3:]
+    slots = plan.coef[2, i, OUT_NEXT, src_slot(0, 0):]
     ours = [slots[(i - a) % 3] for a in range(3)]
     np.testing.assert_allclose(ours, alpha_t * np.array(coef), rtol=1e-10)
 

@@ -1,6 +1,6 @@
 """End-to-end tests: our schedulers inside REAL diffusers pipelines built offline from tiny configs.
 
-Pipelines (see ``fastsampler/testing/tiny_pipelines.py``): DDPMPipeline, StableDiffusionPipeline
+Pipelines (see ``tests/tiny_pipelines.py``): DDPMPipeline, StableDiffusionPipeline
 (CFG, eta/generator plumbing), StableDiffusionImg2ImgPipeline (strength), StableDiffusionXLPipeline
 (``denoising_end``), FluxPipeline (flow matching + dynamic shift ``mu``), StableDiffusion3Pipeline
 (flow matching, static shift), plus ``save_pretrained`` / ``from_pretrained`` and ``from_config``
@@ -27,18 +27,14 @@ from diffusers import (  # noqa: E402
 )
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 
-from fastsampler.testing import tiny_pipelines as tp  # noqa: E402
+import tiny_pipelines as tp  # noqa: E402
+from fastsampler import DEISScheduler, DPMSolverPlusPlusScheduler, UniPCScheduler  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
-# The scheduler list.  Ours when importable, otherwise diffusers' classes (harness development).
+# The scheduler list: ours (an import failure fails the module, it never swaps in diffusers').
 # ----------------------------------------------------------------------------------------------
 
-try:
-    from fastsampler import DEISScheduler, DPMSolverPlusPlusScheduler, UniPCScheduler
-
-    OURS = [DPMSolverPlusPlusScheduler, DEISScheduler, UniPCScheduler]
-except ImportError:  # pragma: no cover - only while the schedulers are being written
-    OURS = []
+OURS = [DPMSolverPlusPlusScheduler, DEISScheduler, UniPCScheduler]
 
 #: diffusers' counterpart of each of our classes (for the from_config switching test).
 DIFFUSERS_COUNTERPART = {
@@ -49,10 +45,9 @@ DIFFUSERS_COUNTERPART = {
 
 DIFFUSERS_SCHEDULERS = [DPMSolverMultistepScheduler, DEISMultistepScheduler, UniPCMultistepScheduler]
 
-# FASTSAMPLER_TEST_DIFFUSERS_SCHEDULERS=1 runs the same harness on diffusers' classes (reference run).
-if os.environ.get("FASTSAMPLER_TEST_DIFFUSERS_SCHEDULERS"):
-    OURS = []
-SCHEDULERS = OURS or DIFFUSERS_SCHEDULERS
+# FASTSAMPLER_TEST_DIFFUSERS_SCHEDULERS=1 runs the same harness on diffusers' classes (a reference run, asked
+# for explicitly).
+SCHEDULERS = DIFFUSERS_SCHEDULERS if os.environ.get("FASTSAMPLER_TEST_DIFFUSERS_SCHEDULERS") else OURS
 
 PROMPT = "a photo of a cat"
 H = W = 16  # pixels; SD/SDXL vae_scale_factor 2 -> 8x8 latents, Flux/SD3 scale 1 -> 16x16

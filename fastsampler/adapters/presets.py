@@ -11,7 +11,7 @@ from fastsampler.adapters.scheduler import PlanScheduler
 from fastsampler.schedules.noise import DiscreteVP
 from fastsampler.samplers.deis import DEIS
 from fastsampler.samplers.dpmsolver import DPMSolverMultistep, DPMSolverSinglestep
-from fastsampler.samplers.plan import Nodes
+from fastsampler.samplers.rules import Nodes
 from fastsampler.samplers.unipc import UniPC
 
 
@@ -28,7 +28,8 @@ class DPMSolverPlusPlusScheduler(PlanScheduler):
     _algorithm_remap = {"deis": "dpmsolver++"}
     _solver_types = ("midpoint", "heun")
     _solver_remap = {"logrho": "midpoint", "bh1": "midpoint", "bh2": "midpoint"}
-    _unsupported = ("predict_x0", "disable_corrector")
+    _options = frozenset({"euler_at_final", "solver_method", "exact_third_order", "use_lu_lambdas",
+                          "lambda_min_clipped"})
 
     def _validate_config(self) -> None:
         super()._validate_config()
@@ -46,6 +47,12 @@ class DPMSolverPlusPlusScheduler(PlanScheduler):
         return DPMSolverMultistep(c.solver_order, self.algorithm, self.solver_kind, c.lower_order_final,
                                   c.euler_at_final, c.exact_third_order)
 
+    def _bound_hint(self) -> str:
+        if self.algorithm.endswith("++"):
+            return super()._bound_hint()
+        return (f"algorithm_type={self.algorithm!r} is the noise-prediction form, which divides by α (tiny at the "
+                "first node of a flow grid or a zero-SNR schedule); use algorithm_type='dpmsolver++'")
+
 
 class UniPCScheduler(PlanScheduler):
     """UniPC (Zhao et al. 2023, arXiv 2302.04867): UniP predictor + UniC corrector, bh1 / bh2, orders 1–3."""
@@ -55,12 +62,18 @@ class UniPCScheduler(PlanScheduler):
     _solver_types = ("bh2", "bh1")
     _solver_remap = {"midpoint": "bh2", "heun": "bh2", "logrho": "bh2"}
     _flow_grid = "unipc"
-    _unsupported = ("euler_at_final", "solver_method", "exact_third_order", "lambda_min_clipped")
+    _options = frozenset({"predict_x0", "disable_corrector", "use_lu_lambdas"})
 
     def _build_solver(self, nodes: Nodes):
         c = self.config
         return UniPC(c.solver_order, self.solver_kind, c.predict_x0, c.lower_order_final,
                      tuple(c.disable_corrector or ()))
+
+    def _bound_hint(self) -> str:
+        if self.config.predict_x0:
+            return super()._bound_hint()
+        return ("predict_x0=False is UniPC's noise-prediction form, which divides by α (tiny at the first node of "
+                "a flow grid or a zero-SNR schedule); use predict_x0=True")
 
 
 class DEISScheduler(PlanScheduler):
@@ -74,12 +87,16 @@ class DEISScheduler(PlanScheduler):
     _algorithm_remap = {"dpmsolver++": "deis", "dpmsolver": "deis", "sde-dpmsolver++": "deis", "sde-dpmsolver": "deis"}
     _solver_types = ("logrho", "tab", "rhoab")
     _solver_remap = {"midpoint": "logrho", "heun": "logrho", "bh1": "logrho", "bh2": "logrho"}
-    _unsupported = ("euler_at_final", "predict_x0", "disable_corrector", "solver_method", "exact_third_order")
+    _options = frozenset({"use_lu_lambdas", "lambda_min_clipped"})
 
     def _build_solver(self, nodes: Nodes):
         c = self.config
         knots = self._noise_schedule.rhos if isinstance(self._noise_schedule, DiscreteVP) else None
         return DEIS(c.solver_order, self.solver_kind, c.lower_order_final, self._t_of_rho(), knots)
+
+    def _bound_hint(self) -> str:
+        return ("DEIS integrates in the noise-prediction form x/α, which divides by α (tiny at the first node of a "
+                "flow grid or a zero-SNR schedule); use DPMSolverPlusPlusScheduler or UniPCScheduler there")
 
     def _t_of_rho(self):
         """Model time as a function of the VE sigma ρ = σ/α (for tAB-DEIS)."""

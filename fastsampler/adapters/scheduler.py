@@ -1,17 +1,23 @@
 """The diffusers scheduler contract, implemented once over a coefficient plan.
 
 ``PlanScheduler`` owns everything a pipeline touches (``set_timesteps``, ``step``, ``add_noise``,
-``scale_noise``, ``scale_model_input``, ``step_index``/``begin_index``, config round trips). A named scheduler
-is a thin preset that says which plan builder to use (``_build_solver``) and which options it accepts.
+``scale_noise``, ``scale_model_input``, ``step_index``/``begin_index``, config and folder round trips). A named
+scheduler is a thin preset that says which plan builder to use (``_build_solver``) and which preset-specific
+options it implements (``_options``).
 
-``set_timesteps`` computes the whole plan in float64 on the CPU; ``step`` is a row lookup and one fused update
-(``fastsampler.kernels``): no ``.item()``, ``.tolist()``, ``nonzero()`` or per-step host→device copies.
+``set_timesteps`` builds the whole plan in float64 on the CPU (or takes an installed plan for that number of
+steps) and, given a device, uploads the fused kernel's coefficient table there; ``step`` is a row lookup and one
+fused update (``fastsampler.kernels``): no host read of a device value, no host→device copy, nothing that breaks a
+``torch.compile(fullgraph=True)`` graph.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import threading
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 import numpy as np
@@ -20,49 +26,59 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin, SchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from fastsampler.adapters import options as opts
+from fastsampler.adapters.finite import DeferredFlag
+from fastsampler.adapters.plan_store import check_plan, load_plans, save_plans, schedule_fingerprint
 from fastsampler.adapters.thresholding import threshold_x0
-from fastsampler.kernels.dispatch import get_update, kernel_choice, resolve_kernel
-from fastsampler.kernels.row import Row
-from fastsampler.samplers.convert import PREDICTION_TYPES
-from fastsampler.samplers.plan import Nodes, Plan, compile_plan
+from fastsampler.kernels.dispatch import get_kernel, kernel_choice, resolve_kernel
+from fastsampler.kernels.traced import apply_dense
+from fastsampler.plans.format import Plan
+from fastsampler.samplers.rules import Nodes, Transform, compile_plan
 from fastsampler.schedules.grids import Grid, GridSpec, flow_grid, vp_grid
-from fastsampler.schedules.noise import BETA_SCHEDULES, ContinuousVP, DiscreteVP
+from fastsampler.schedules.noise import ContinuousVP, DiscreteVP
 
-NOISE_SCHEDULES = ("discrete", "vp_linear", "vp_cosine")
-VARIANCE_TYPES = (None, "learned", "learned_range", "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log")
+logger = logging.getLogger("fastsampler")
+
+#: |coefficient| above which a plan is refused: such a plan amplifies fp32 rounding of the model output past
+#: anything a sample survives (e.g. noise-form UniPC on flow sigmas divides by α = 1e-6 at the first node).
+MAX_COEFFICIENT = 1e5
 
 
 class _LRU:
-    """A small least-recently-used cache: set_timesteps() with the same config and grid reuses the plan."""
+    """A small thread-safe least-recently-used cache: set_timesteps() with the same config and grid reuses the
+    plan (plans are immutable, so sharing them is safe)."""
 
     def __init__(self, size: int = 32):
         self._data: OrderedDict = OrderedDict()
         self._size = size
+        self._lock = threading.Lock()
 
     def get(self, key):
-        if key is None or key not in self._data:
-            return None
-        self._data.move_to_end(key)
-        return self._data[key]
+        with self._lock:
+            if key not in self._data:
+                return None
+            self._data.move_to_end(key)
+            return self._data[key]
 
     def put(self, key, value) -> None:
-        self._data[key] = value
-        if len(self._data) > self._size:
-            self._data.popitem(last=False)
+        with self._lock:
+            self._data[key] = value
+            if len(self._data) > self._size:
+                self._data.popitem(last=False)
 
 
 _PLAN_CACHE = _LRU()
-_ROWS_CACHE = _LRU()
 
 
 class NonFiniteModelOutputError(FloatingPointError):
-    """The model returned NaN or ±inf."""
+    """The model returned NaN or ±inf (or the sample passed to ``step()`` contained them)."""
 
 
 class PlanScheduler(SchedulerMixin, ConfigMixin):
     """Base of every fastsampler scheduler (not used directly: pick a preset such as ``UniPCScheduler``)."""
 
-    _compatibles = [e.name for e in KarrasDiffusionSchedulers] + ["FlowMatchEulerDiscreteScheduler"]
+    _compatibles = [e.name for e in KarrasDiffusionSchedulers if not e.name.startswith("EDM")] + [
+        "FlowMatchEulerDiscreteScheduler"]
     order = 1
 
     # Preset hooks -------------------------------------------------------------------------------------
@@ -72,8 +88,8 @@ class PlanScheduler(SchedulerMixin, ConfigMixin):
     _solver_remap: ClassVar[dict[str, str]] = {}
     _max_order: ClassVar[int] = 3
     _flow_grid: ClassVar[str] = "dpm"
-    # Options a preset does not implement: setting one away from its default is an error, not a no-op.
-    _unsupported: ClassVar[tuple[str, ...]] = ()
+    # The preset-specific options (fastsampler.adapters.options.PRESET_OPTIONS) this preset implements.
+    _options: ClassVar[frozenset[str]] = frozenset()
 
     @register_to_config
     def __init__(
@@ -118,29 +134,31 @@ class PlanScheduler(SchedulerMixin, ConfigMixin):
         check_finite: bool = True,
     ):
         self._validate_config()
+        # Resolved values, so that the saved config loads in diffusers' own schedulers too.
+        self.register_to_config(algorithm_type=self.algorithm, solver_type=self.solver_kind,
+                                disable_corrector=list(disable_corrector or []))
         self._noise_schedule = self._make_noise_schedule()
         if isinstance(self._noise_schedule, DiscreteVP):
-            self.alphas_cumprod = torch.from_numpy(self._noise_schedule.alphas_cumprod.astype(np.float32))
-            self.betas = torch.from_numpy(
-                1.0 - self._noise_schedule.alphas_cumprod / np.concatenate([[1.0], self._noise_schedule.alphas_cumprod[:-1]])
-            ).float()
+            ab = self._noise_schedule.alphas_cumprod
+            self.alphas_cumprod = torch.from_numpy(ab.astype(np.float32))
+            self.betas = torch.from_numpy(1.0 - ab / np.concatenate([[1.0], ab[:-1]])).float()
         self.init_noise_sigma = 1.0
         self._flow_shift = float(flow_shift)
         self.num_inference_steps: int | None = None
         self.timesteps = torch.from_numpy(np.arange(num_train_timesteps)[::-1].copy()).to(torch.int64)
         self.sigmas: torch.Tensor | None = None
         self._plan: Plan | None = None
-        self._rows: list[list[Row]] | None = None
-        self._grid: Grid | None = None
+        self._plans: dict[int, Plan] = {}
+        self._device_tables: dict[tuple[str, torch.device], torch.Tensor] = {}
+        self._finite = DeferredFlag()
         self._reset_state()
 
     # Configuration ------------------------------------------------------------------------------------
     @property
     def algorithm(self) -> str:
-        """The resolved ``algorithm_type`` (the config keeps what was passed, ``None`` meaning the default)."""
+        """The resolved ``algorithm_type``."""
         a = self.config.algorithm_type
-        a = self._algorithm_remap.get(a, a) if a is not None else self._algorithm_types[0]
-        return a
+        return self._algorithm_remap.get(a, a) if a is not None else self._algorithm_types[0]
 
     @property
     def solver_kind(self) -> str:
@@ -149,10 +167,16 @@ class PlanScheduler(SchedulerMixin, ConfigMixin):
 
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
-        """diffusers' ``from_config``; a FlowMatch scheduler's config (SD3, Flux) also switches on flow matching:
-        ``use_flow_sigmas=True``, ``prediction_type="flow_prediction"`` and ``flow_shift`` = its ``shift``
-        (explicit keyword arguments win)."""
+        """diffusers' ``from_config``, plus:
+
+        * a FlowMatch scheduler's config (SD3, Flux) switches on flow matching: ``use_flow_sigmas=True``,
+          ``prediction_type="flow_prediction"`` and ``flow_shift`` = its ``shift`` (explicit keyword arguments win);
+        * EDM and continuous-timestep configs are refused by name (we would sample them as the wrong model);
+        * options of another preset that this one does not implement, arriving inside the config, are dropped with
+          one log line (as diffusers ignores them); passed explicitly they still raise.
+        """
         source = dict(config) if config is not None else {}
+        opts.refuse_foreign_model(source, cls.__name__)
         if "shift" in source and "beta_start" not in source and "use_flow_sigmas" not in source:
             if source.get("shift_terminal") or source.get("invert_sigmas") or source.get("stochastic_sampling"):
                 raise ValueError("this FlowMatch config uses shift_terminal / invert_sigmas / stochastic_sampling, "
@@ -160,42 +184,30 @@ class PlanScheduler(SchedulerMixin, ConfigMixin):
             kwargs.setdefault("use_flow_sigmas", True)
             kwargs.setdefault("prediction_type", "flow_prediction")
             kwargs.setdefault("flow_shift", float(source["shift"]))
+        dropped = [k for k in opts.unsupported(source, cls._options, cls.__init__) if k not in kwargs]
+        if dropped and config is not None:
+            logger.info("%s ignores %s from the config (options it does not implement)", cls.__name__,
+                        ", ".join(f"{k}={source[k]!r}" for k in dropped))
+            base = opts.defaults(cls.__init__)
+            config = {**source, **{k: base[k] for k in dropped}}
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     def _validate_config(self) -> None:
         c = self.config
         name = type(self).__name__
-        if c.beta_schedule not in BETA_SCHEDULES and c.trained_betas is None:
-            raise ValueError(f"`beta_schedule` must be one of {BETA_SCHEDULES}, got {c.beta_schedule!r}")
-        if c.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"`prediction_type` must be one of {PREDICTION_TYPES}, got {c.prediction_type!r}")
-        if c.prediction_type == "flow_prediction" and not c.use_flow_sigmas:
-            raise ValueError("`prediction_type='flow_prediction'` needs `use_flow_sigmas=True` (a flow-matching model)")
+        opts.validate_schedule_options(c)
         if self.algorithm not in self._algorithm_types:
             raise ValueError(f"{name}: `algorithm_type` must be one of {self._algorithm_types}, got {c.algorithm_type!r}")
         if self.solver_kind not in self._solver_types:
             raise ValueError(f"{name}: `solver_type` must be one of {self._solver_types}, got {c.solver_type!r}")
-        if not isinstance(c.solver_order, int) or not 1 <= c.solver_order <= self._max_order:
+        if isinstance(c.solver_order, bool) or not isinstance(c.solver_order, int) \
+                or not 1 <= c.solver_order <= self._max_order:
             raise ValueError(f"{name}: `solver_order` must be an integer in 1..{self._max_order}, got {c.solver_order!r}")
-        if c.noise_schedule not in NOISE_SCHEDULES:
-            raise ValueError(f"`noise_schedule` must be one of {NOISE_SCHEDULES}, got {c.noise_schedule!r}")
-        if c.time_shift_type != "exponential":
-            raise ValueError(f"`time_shift_type` must be 'exponential', got {c.time_shift_type!r}")
-        if not 0.0 < c.dynamic_thresholding_ratio <= 1.0:
-            raise ValueError(f"`dynamic_thresholding_ratio` must be in (0, 1], got {c.dynamic_thresholding_ratio}")
-        if c.sample_max_value < 1.0:
-            raise ValueError(f"`sample_max_value` must be ≥ 1, got {c.sample_max_value}")
-        if c.variance_type not in VARIANCE_TYPES:
-            raise ValueError(f"`variance_type` must be one of {VARIANCE_TYPES}, got {c.variance_type!r}")
-        if c.num_train_timesteps < 2:
-            raise ValueError(f"`num_train_timesteps` must be ≥ 2, got {c.num_train_timesteps}")
-        defaults = {"euler_at_final": False, "predict_x0": True, "disable_corrector": None,
-                    "solver_method": "multistep", "exact_third_order": False, "use_lu_lambdas": False,
-                    "lambda_min_clipped": -float("inf")}
-        for opt in self._unsupported:
-            value = getattr(c, opt)
-            if value != defaults[opt] and not (opt == "disable_corrector" and value == []):
-                raise ValueError(f"{name} does not support `{opt}` (got {value!r}); leave it at {defaults[opt]!r}")
+        bad = opts.unsupported(c, self._options, PlanScheduler.__init__)
+        if bad:
+            base = opts.defaults(PlanScheduler.__init__)
+            raise ValueError(f"{name} does not support `{bad[0]}` (got {getattr(c, bad[0])!r}); leave it at "
+                             f"{base[bad[0]]!r}")
         self._grid_spec().validate()
         kernel_choice(c.kernel)
 
@@ -210,20 +222,44 @@ class PlanScheduler(SchedulerMixin, ConfigMixin):
         return DiscreteVP.from_config(c.num_train_timesteps, c.beta_start, c.beta_end, c.beta_schedule,
                                       c.trained_betas, c.rescale_betas_zero_snr)
 
-    def _grid_spec(self, flow_shift: float | None = None) -> GridSpec:
+    def _grid_spec(self) -> GridSpec:
         c = self.config
         return GridSpec(
             timestep_spacing=c.timestep_spacing, steps_offset=c.steps_offset, use_karras_sigmas=c.use_karras_sigmas,
             karras_rho=c.karras_rho, use_exponential_sigmas=c.use_exponential_sigmas,
             use_beta_sigmas=c.use_beta_sigmas, use_lu_lambdas=c.use_lu_lambdas, use_flow_sigmas=c.use_flow_sigmas,
-            flow_shift=c.flow_shift if flow_shift is None else flow_shift,
-            use_dynamic_shifting=c.use_dynamic_shifting, final_sigmas_type=c.final_sigmas_type,
-            lambda_min_clipped=c.lambda_min_clipped, sigma_min=c.sigma_min, sigma_max=c.sigma_max,
-            flow_grid=self._flow_grid, round_timesteps=c.beta_schedule != "squaredcos_cap_v2",
+            flow_shift=c.flow_shift, use_dynamic_shifting=c.use_dynamic_shifting,
+            final_sigmas_type=c.final_sigmas_type, lambda_min_clipped=c.lambda_min_clipped, sigma_min=c.sigma_min,
+            sigma_max=c.sigma_max, flow_grid=self._flow_grid, round_timesteps=c.beta_schedule != "squaredcos_cap_v2",
         )
 
     def _build_solver(self, nodes: Nodes):
         raise NotImplementedError
+
+    def _build_transforms(self) -> tuple[Transform, ...]:
+        """Plan transforms switched on by this scheduler's options, in their documented order."""
+        return ()
+
+    # Noise schedule at model timesteps --------------------------------------------------------------------
+    def _schedule_kind(self) -> str:
+        if self.config.use_flow_sigmas:
+            return "flow"
+        return "discrete" if isinstance(self._noise_schedule, DiscreteVP) else self.config.noise_schedule
+
+    def _alpha_sigma_at(self, timesteps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(α, σ) of the noise schedule at model timesteps (float64): what the model was trained to see."""
+        t = np.asarray(timesteps, dtype=np.float64)
+        if self.config.use_flow_sigmas:
+            s = t / self.config.num_train_timesteps
+            return 1.0 - s, s
+        sched = self._noise_schedule
+        rho = sched.rho_at(t) if isinstance(sched, DiscreteVP) else sched.rho_at(t / 1000.0)
+        alpha = 1.0 / np.sqrt(1.0 + rho**2)
+        return alpha, rho * alpha
+
+    def _fingerprint(self, timesteps: np.ndarray) -> dict[str, Any]:
+        return schedule_fingerprint(self._schedule_kind(), self.config.num_train_timesteps,
+                                    *self._alpha_sigma_at(timesteps))
 
     # Pipeline contract --------------------------------------------------------------------------------
     @property
@@ -235,8 +271,9 @@ class PlanScheduler(SchedulerMixin, ConfigMixin):
         return self._begin_index
 
     def set_begin_index(self, begin_index: int = 0) -> None:
-        if self.num_inference_steps is not None and not 0 <= begin_index <= self.num_inference_steps:
-            raise ValueError(f"`begin_index` must be in 0..{self.num_inference_steps}, got {begin_index}")
+        if isinstance(begin_index, bool) or not isinstance(begin_index, (int, np.integer)) or (
+                self.num_inference_steps is not None and not 0 <= begin_index <= self.num_inference_steps):
+            raise ValueError(f"`begin_index` must be an integer in 0..{self.num_inference_steps}, got {begin_index!r}")
         self._begin_index = int(begin_index)
 
     def _reset_state(self) -> None:
@@ -244,15 +281,14 @@ class PlanScheduler(SchedulerMixin, ConfigMixin):
         self._begin_index: int | None = None
         self._taken = 0
         self._history: torch.Tensor | None = None
-        self._saved: torch.Tensor | None = None
+        self._state: Any = None
+        self._kernel = None
         self._device_table: torch.Tensor | None = None
         self._buffer_key: tuple | None = None
-        self._nonfinite_step: torch.Tensor | None = None  # device-side flag of the deferred finiteness test
         self._thresholding = bool(self.config.thresholding)
         self._check = bool(self.config.check_finite)
         # DDPM's fixed_* variances only matter to ancestral sampling; learned ones add output channels to drop.
         self._learned_variance = self.config.variance_type in ("learned", "learned_range")
-        self._levels = self._plan.levels if self._plan is not None else 1
 
     def set_timesteps(
         self,
@@ -262,12 +298,15 @@ class PlanScheduler(SchedulerMixin, ConfigMixin):
         sigmas: Sequence[float] | None = None,
         mu: float | None = None,
     ) -> None:
-        """Build the grid and the whole coefficient plan (float64, CPU); reset all per-run state.
+        """Build the grid and the whole coefficient plan (float64, CPU), or take the plan installed for
+        ``num_inference_steps`` (``set_plan`` / a tuned scheduler folder); reset all per-run state.
 
         Exactly one of ``num_inference_steps``, ``timesteps`` (model timesteps, decreasing) and ``sigmas``
         (VP: σ/α, flow: the noise level before shifting; decreasing; a trailing 0 is taken as the final level).
         ``mu`` is the dynamic shift (Flux, SD3): flow_shift = e^μ; it needs ``use_dynamic_shifting=True``.
+        With ``device`` the fused kernel's coefficient table is uploaded there now, not in the first ``step()``.
         """
+        self._raise_pending_nonfinite()
         c = self.config
         given = [n for n, v in (("num_inference_steps", num_inference_steps), ("timesteps", timesteps),
                                 ("sigmas", sigmas)) if v is not None]
@@ -285,80 +324,190 @@ class PlanScheduler(SchedulerMixin, ConfigMixin):
                 c.use_karras_sigmas or c.use_exponential_sigmas or c.use_beta_sigmas or c.use_lu_lambdas):
             raise ValueError("custom `timesteps`/`sigmas` cannot be combined with use_karras_sigmas / "
                              "use_exponential_sigmas / use_beta_sigmas / use_lu_lambdas")
-        if mu is not None and not (c.use_flow_sigmas and c.use_dynamic_shifting):
-            raise ValueError("`mu` (dynamic shifting) needs `use_flow_sigmas=True` and `use_dynamic_shifting=True`")
+        if mu is not None:
+            if not (c.use_flow_sigmas and c.use_dynamic_shifting):
+                raise ValueError("`mu` (dynamic shifting) needs `use_flow_sigmas=True` and `use_dynamic_shifting=True`")
+            mu = opts.validate_mu(mu)
+        installed = self._plans.get(num_inference_steps) if num_inference_steps is not None else None
+        if installed is not None:
+            planned_mu = installed.meta.get("mu")
+            if c.use_dynamic_shifting and (mu is None or planned_mu is None or abs(planned_mu - mu) > 1e-6):
+                raise ValueError(f"the plan installed for {num_inference_steps} steps was built for mu={planned_mu!r}, "
+                                 f"set_timesteps got mu={mu!r}; tune for this mu (image size) or remove the plan")
+            self._install(installed, device)
+            return
         if c.use_flow_sigmas:
             grid = flow_grid(self._grid_spec(), c.num_train_timesteps, num_inference_steps, timesteps, sigmas, mu)
             self._flow_shift = math.exp(mu) if mu is not None else float(c.flow_shift)
         else:
             grid = vp_grid(self._noise_schedule, self._grid_spec(), num_inference_steps, timesteps, sigmas)
-        self._install_grid(grid, device)
+        self._install(self._compiled_plan(grid, mu), device)
 
-    def _install_grid(self, grid: Grid, device: str | torch.device | None, plan: Plan | None = None) -> None:
-        nodes = Nodes.from_grid(grid)
-        key = None
+    def _compiled_plan(self, grid: Grid, mu: float | None) -> Plan:
+        key = (type(self).__name__, repr(sorted((k, v) for k, v in self.config.items() if not k.startswith("_"))),
+               grid.timesteps.tobytes(), grid.rhos.tobytes(), grid.flow, mu)
+        plan = _PLAN_CACHE.get(key)
         if plan is None:
-            key = (type(self).__name__, repr(sorted((k, v) for k, v in self.config.items() if k != "_use_default_values")),
-                   grid.timesteps.tobytes(), grid.rhos.tobytes(), grid.flow)
-            plan = _PLAN_CACHE.get(key)
-            if plan is None:
-                plan = compile_plan(self._build_solver(nodes), nodes, self.config.prediction_type)
-                for table in (plan.conv, plan.x0_conv, plan.d_from_x0, plan.x_coef, plan.s_coef, plan.s_write):
-                    table.flags.writeable = False  # shared through the cache
-                _PLAN_CACHE.put(key, plan)
-        self._grid, self._plan = grid, plan
-        self._rows = _ROWS_CACHE.get(key) if key is not None else None
-        if self._rows is None:
-            self._rows = [
-                [Row.from_coefficients(plan.write_slot[i], *plan.conv[i], plan.x_coef[w, i],
-                                       plan.s_coef[w, i] if plan.s_write[w, i] else None)
-                 for i in range(plan.num_steps)]
-                for w in range(plan.levels)
-            ]
-            if key is not None:
-                _ROWS_CACHE.put(key, self._rows)
-        self._x0_rows = [(float(a), float(b)) for a, b in plan.x0_conv]
-        self._d_from_x0 = [(float(a), float(b)) for a, b in plan.d_from_x0]
+            nodes = Nodes.from_grid(grid)
+            meta = {"scheduler": type(self).__name__, "schedule": self._fingerprint(grid.timesteps)}
+            if mu is not None:
+                meta["mu"] = mu
+            try:
+                plan = compile_plan(self._build_solver(nodes), nodes, self.config.prediction_type,
+                                    self._build_transforms(), meta)
+            except FloatingPointError as exc:
+                raise ValueError(f"{type(self).__name__}: {exc}; {self._bound_hint()}") from None
+            self._check_bounds(plan)
+            _PLAN_CACHE.put(key, plan)
+        return plan
+
+    def _bound_hint(self) -> str:
+        """Which options usually cause unusable coefficients (presets name their own noise-form option)."""
+        return ("noise-form solvers divide by α, which is tiny at the first node of a flow grid or a zero-SNR "
+                "schedule; use a data-form solver there")
+
+    def _check_bounds(self, plan: Plan) -> None:
+        worst = max(float(np.max(np.abs(plan.coef))), float(np.max(np.abs(plan.out_map))))
+        if worst > MAX_COEFFICIENT:
+            step = int(np.argwhere(np.abs(plan.coef).max(axis=(0, 2, 3)) > MAX_COEFFICIENT).min()) \
+                if np.max(np.abs(plan.coef)) > MAX_COEFFICIENT else \
+                int(np.argwhere(np.abs(plan.out_map).max(axis=1) > MAX_COEFFICIENT).min())
+            raise ValueError(f"{type(self).__name__}: this configuration gives plan coefficients up to {worst:.3g} "
+                             f"(step {step}, α = {plan.alpha[step]:.3g}), which would amplify rounding errors beyond "
+                             f"use; {self._bound_hint()}")
+
+    def _install(self, plan: Plan, device: str | torch.device | None) -> None:
+        if self._plan is not plan:
+            self._device_tables.clear()  # tables of one plan at a time
+        self._plan = plan
+        self._rows = plan.rows
+        self._levels = plan.levels
+        self._slots = plan.slots
+        self._uses_noise = plan.uses_noise
+        self._x0_maps = [plan.x0_map(i) for i in range(plan.num_steps)]
+        self._p_from_x0 = [plan.p_from_x0(i) for i in range(plan.num_steps)]
         discrete = isinstance(self._noise_schedule, DiscreteVP)
-        ts = torch.from_numpy(np.asarray(grid.timesteps))
+        ts = torch.from_numpy(np.array(plan.timesteps))
         self.timesteps = ts.to(device=device, dtype=torch.int64 if discrete else torch.float32)
-        self._timesteps_np = np.asarray(grid.timesteps, dtype=np.float64)
-        self.sigmas = torch.from_numpy(grid.rhos.astype(np.float32))  # stays on CPU, as in diffusers
-        self._alpha_sigma = torch.from_numpy(np.stack([grid.alphas, grid.sigmas], axis=1))
-        self.num_inference_steps = grid.num_steps
+        self._timesteps_np = np.array(plan.timesteps, dtype=np.float64)
+        self.sigmas = torch.from_numpy(plan.rho.astype(np.float32))  # stays on CPU, as in diffusers
+        self.num_inference_steps = plan.num_steps
         self._reset_state()
+        if device is not None:
+            dev = torch.device(device)
+            if resolve_kernel(self.config.kernel, dev, torch.float32, plan.slots, plan.num_registers) == "triton":
+                self._table_on(dev)
+            self._dense_on(dev, torch.float32)
 
+    def _dense_on(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """``Plan.dense`` on ``device`` (for traced steps) as a (W·N, L) table — one flat index keeps the step
+        symbolic under ``torch.compile`` — uploaded once per plan, device and dtype."""
+        key = ("dense", self._plan.fingerprint(), device, dtype)
+        table = self._device_tables.get(key)
+        if table is None:
+            dense = self._plan.dense
+            table = torch.tensor(dense.reshape(-1, dense.shape[-1]), dtype=dtype, device=device)
+            self._device_tables[key] = table
+        return table
+
+    def _table_on(self, device: torch.device) -> torch.Tensor:
+        """The plan's packed coefficient table on ``device``, uploaded once per plan and device."""
+        key = ("packed", self._plan.fingerprint(), device)
+        table = self._device_tables.get(key)
+        if table is None:
+            table = torch.tensor(self._plan.packed, dtype=torch.float32, device=device)
+            self._device_tables[key] = table
+        return table
+
+    # Plans --------------------------------------------------------------------------------------------
     def set_plan(self, plan: Plan, device: str | torch.device | None = None) -> None:
-        """Run a saved plan (e.g. from a schedule search) instead of building one."""
-        grid = Grid(np.asarray(plan.meta["timesteps"]), np.asarray(plan.meta["rho"]), bool(plan.meta["flow"]))
-        if plan.x_coef.shape[1] != grid.num_steps or plan.conv.shape[0] != grid.num_steps:
-            raise ValueError(f"the plan has {plan.x_coef.shape[1]} rows but its grid {grid.num_steps} steps")
-        if plan.meta.get("prediction_type", self.config.prediction_type) != self.config.prediction_type:
-            raise ValueError(f"the plan was built for prediction_type={plan.meta['prediction_type']!r}, this "
-                             f"scheduler has {self.config.prediction_type!r}")
-        self._install_grid(grid, device, plan)
+        """Install ``plan`` for its number of steps (later ``set_timesteps(plan.num_steps)`` runs it, and
+        ``save_pretrained`` keeps it) and make it the current run's plan.
 
+        Refused, naming the difference, when the plan was built for another noise schedule, prediction type or
+        grid kind."""
+        if not isinstance(plan, Plan):
+            raise TypeError(f"`plan` must be a fastsampler Plan, got {type(plan).__name__}")
+        check_plan(plan, self._fingerprint(plan.timesteps), self.config.prediction_type, self.config.use_flow_sigmas)
+        self._check_bounds(plan)
+        self._plans[plan.num_steps] = plan
+        self._install(plan, device)
+
+    def remove_plan(self, num_inference_steps: int) -> None:
+        """Forget the plan installed for ``num_inference_steps`` (set_timesteps builds from the config again)."""
+        self._plans.pop(num_inference_steps, None)
+
+    @property
+    def plan(self) -> Plan | None:
+        """The plan of the current run (after ``set_timesteps``)."""
+        return self._plan
+
+    @property
+    def plans(self) -> dict[int, Plan]:
+        """The installed plans, by number of steps (a copy)."""
+        return dict(self._plans)
+
+    def save_pretrained(self, save_directory: str | Path, push_to_hub: bool = False, **kwargs) -> None:
+        """diffusers' ``save_pretrained`` plus the installed plans (``fastsampler_plans.json``)."""
+        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        save_plans(save_directory, [self._plans[n] for n in sorted(self._plans)])
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path | None = None, subfolder: str | None = None,
+                        return_unused_kwargs: bool = False, **kwargs):
+        """diffusers' ``from_pretrained`` plus the plans saved in the folder (local folders)."""
+        loaded = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder,
+                                         return_unused_kwargs=return_unused_kwargs, **kwargs)
+        scheduler = loaded[0] if isinstance(loaded, tuple) else loaded
+        folder = Path(str(pretrained_model_name_or_path))
+        if subfolder:
+            folder = folder / subfolder
+        if folder.is_dir():
+            for plan in load_plans(folder):
+                check_plan(plan, scheduler._fingerprint(plan.timesteps), scheduler.config.prediction_type,
+                           scheduler.config.use_flow_sigmas)
+                scheduler._plans[plan.num_steps] = plan
+        return loaded
+
+    # Stepping -----------------------------------------------------------------------------------------
     def index_for_timestep(self, timestep: float | torch.Tensor,
                            schedule_timesteps: torch.Tensor | None = None) -> int:
-        """diffusers' rule: the first match, the second if the timestep repeats, the last index if absent.
-        Host-side lookup on a CPU copy (called once per run, never per step)."""
-        value = float(np.asarray(timestep.detach().cpu() if isinstance(timestep, torch.Tensor) else timestep))
+        """The first index whose timestep equals ``timestep``, or the last index if none does (diffusers'
+        fallback). Host-side lookup on a CPU copy (once per run, never per step)."""
+        t = timestep.detach().reshape(-1)[:1].cpu() if isinstance(timestep, torch.Tensor) else timestep
+        value = float(np.asarray(t, dtype=np.float64).reshape(-1)[0])
         table = self._timesteps_np if schedule_timesteps is None else \
             np.asarray(schedule_timesteps.detach().cpu(), dtype=np.float64)
         hits = np.flatnonzero(np.isclose(table, value, rtol=0, atol=1e-4))
-        if len(hits) == 0:
-            return len(table) - 1
-        return int(hits[1] if len(hits) > 1 else hits[0])
+        return int(hits[0]) if len(hits) else len(table) - 1
+
+    @staticmethod
+    def _on_accelerator(device: torch.device) -> bool:
+        """Whether reading a value on ``device`` would stall the host (any accelerator)."""
+        return device.type != "cpu"
 
     def _init_step_index(self, timestep: float | torch.Tensor) -> None:
+        """The run's first index: ``set_begin_index`` if called; for a timestep that is a view into
+        ``self.timesteps`` (what pipelines pass), its position, without reading the device; else a lookup of the
+        value (one host read, on this first step only)."""
         if self._begin_index is not None:
             self._step_index = self._begin_index
-        elif isinstance(timestep, torch.Tensor) and timestep.device.type != "cpu":
-            # A device timestep can't be read without a sync: assume the run starts at the first timestep.
-            # Pipelines that start later (img2img) call set_begin_index first.
-            self._step_index = 0
-        else:
-            self._step_index = self.index_for_timestep(timestep)
+            return
+        if isinstance(timestep, torch.Tensor):
+            table = self.timesteps
+            if timestep.device == table.device and timestep.dtype == table.dtype and table.stride(0) == 1 \
+                    and timestep.untyped_storage().data_ptr() == table.untyped_storage().data_ptr():
+                index = timestep.storage_offset() - table.storage_offset()
+                if 0 <= index < len(table):
+                    self._step_index = index
+                    return
+        index = self.index_for_timestep(timestep)  # ok-sync: first step only
+        value = float(np.asarray(timestep.detach().reshape(-1)[:1].cpu() if isinstance(timestep, torch.Tensor)
+                                 else timestep, dtype=np.float64).reshape(-1)[0])
+        if not np.isclose(self._timesteps_np[index], value, rtol=0, atol=1e-4):
+            raise ValueError(f"{type(self).__name__}: timestep {value:g} is not one of this run's timesteps; call "
+                             "set_begin_index() or pass the entries of `scheduler.timesteps`")
+        self._step_index = index
 
     def scale_model_input(self, sample: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Identity: the model takes x_t as it is for VP and flow parameterisations."""
@@ -379,7 +528,7 @@ class PlanScheduler(SchedulerMixin, ConfigMixin):
         ``generator`` / ``variance_noise`` feed the SDE variants; ``eta`` is accepted for Stable Diffusion's
         call signature and must be 0 (these are ODE solvers; use an SDE ``algorithm_type`` for noise).
         """
-        if self._rows is None:
+        if self._plan is None:
             raise RuntimeError(f"{type(self).__name__}: call `set_timesteps()` before `step()`")
         if eta:
             raise ValueError(f"`eta` must be 0 for {type(self).__name__} (got {eta}); for stochastic sampling use "
@@ -399,125 +548,153 @@ class PlanScheduler(SchedulerMixin, ConfigMixin):
         if i >= self.num_inference_steps:
             raise IndexError(f"step() called after the last of {self.num_inference_steps} timesteps; call "
                              "set_timesteps() to start a new run")
-        row = self._rows[min(self._taken, self._levels - 1)][i]
+        level = min(self._taken, self._levels - 1)
+        if self._buffer_key != (sample.shape, sample.device, sample.dtype):
+            self._buffers(sample)
         history = self._history
-        if history is None or self._buffer_key != (sample.shape, sample.device, sample.dtype):
-            history = self._buffers(sample)
+        slot = i % self._slots
+        traced = torch.compiler.is_compiling()
+        row = None if traced else self._rows[level][i]
         noise = None
-        if row.uses_noise:
-            noise = variance_noise.to(device=sample.device, dtype=history.dtype) if variance_noise is not None else \
-                randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=history.dtype)
+        if (self._uses_noise if traced else row.uses_noise):
+            noise = self._noise(sample, generator, variance_noise)
         written = False
         if self._thresholding:
-            self._write_thresholded(row, i, sample, model_output, history)
+            self._write_thresholded(slot, i, sample, model_output, history)
             written = True
-        if self._device_table is not None:
-            prev_sample, self._saved = self._update(row, sample, model_output, history, self._saved, noise, written,
-                                                    coef=self._device_table[min(self._taken, self._levels - 1), i])
+        if traced:  # one graph for every steady-state step: the row is a tensor indexed by the step
+            flat = (self._levels - 1 if self._taken >= self._levels - 1 else self._taken) * self.num_inference_steps + i
+            prev_sample, self._state = apply_dense(self._dense_table[flat], slot, sample, model_output, history,
+                                                   self._state, noise, written)
+        elif self._device_table is not None:
+            prev_sample, self._state = self._kernel.apply(row, sample, model_output, history, self._state, noise,
+                                                          written, coef=self._device_table[level, i])
         else:
-            prev_sample, self._saved = self._update(row, sample, model_output, history, self._saved, noise, written)
+            prev_sample, self._state = self._kernel.apply(row, sample, model_output, history, self._state, noise,
+                                                          written)
         if self._check:
-            self._check_finite(history[row.write_slot], i)
+            self._check_finite(history[slot], sample, model_output, i)
         self._step_index = i + 1
         self._taken += 1
         if not return_dict:
             return (prev_sample,)
         return SchedulerOutput(prev_sample=prev_sample)
 
-    def _buffers(self, sample: torch.Tensor) -> torch.Tensor:
-        dtype = torch.float64 if sample.dtype == torch.float64 else torch.float32
-        h = self._history
-        if h is None or h.shape[1:] != sample.shape or h.device != sample.device or h.dtype != dtype:
-            if h is not None and self._taken > 0:
-                raise ValueError(f"`sample` changed shape/device mid-run: {tuple(h.shape[1:])} on {h.device} → "
-                                 f"{tuple(sample.shape)} on {sample.device}; call set_timesteps() first")
-            self._history = torch.zeros((self._plan.slots, *sample.shape), dtype=dtype, device=sample.device)
-            kind = resolve_kernel(self.config.kernel, sample.device)
-            self._update = get_update(kind)
-            self._device_table = None
-            if kind == "triton":
-                # The whole coefficient table goes to the device once; step() then passes a row view.
-                packed = np.stack([[r.packed for r in level] for level in self._rows])
-                self._device_table = torch.as_tensor(packed, dtype=torch.float32, device=sample.device)
-            self._buffer_key = (sample.shape, sample.device, sample.dtype)
-        return self._history
+    def _noise(self, sample: torch.Tensor, generator, variance_noise: torch.Tensor | None) -> torch.Tensor:
+        dtype = self._history.dtype
+        if variance_noise is None:
+            return randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=dtype)
+        if variance_noise.shape != sample.shape:
+            raise ValueError(f"`variance_noise` shape {tuple(variance_noise.shape)} does not match `sample` shape "
+                             f"{tuple(sample.shape)}")
+        return variance_noise.to(device=sample.device, dtype=dtype)
 
-    def _write_thresholded(self, row: Row, i: int, x: torch.Tensor, out: torch.Tensor, history: torch.Tensor) -> None:
-        cx, co = self._x0_rows[i]
+    def _buffers(self, sample: torch.Tensor) -> None:
+        """History, state and kernel for this sample's shape, device and dtype (first step of a run)."""
+        h = self._history
+        if h is not None and self._taken > 0:
+            old = self._buffer_key
+            raise ValueError(f"`sample` changed mid-run: shape {tuple(old[0])} {old[2]} on {old[1]} → "
+                             f"{tuple(sample.shape)} {sample.dtype} on {sample.device}; call set_timesteps() first")
+        dtype = torch.float64 if sample.dtype == torch.float64 else torch.float32
+        plan = self._plan
+        self._history = torch.zeros((plan.slots, *sample.shape), dtype=dtype, device=sample.device)
+        kind = resolve_kernel(self.config.kernel, sample.device, sample.dtype, plan.slots, plan.num_registers)
+        self._kernel = get_kernel(kind)
+        self._state = self._kernel.init_state(plan.num_registers, self._history[0])
+        self._device_table = self._table_on(sample.device) if self._kernel.uses_device_table else None
+        self._dense_table = self._dense_on(sample.device, dtype)
+        if self._thresholding:
+            self._threshold_table = torch.tensor([[*self._x0_maps[i], *self._p_from_x0[i]]
+                                                  for i in range(plan.num_steps)], dtype=dtype, device=sample.device)
+        self._buffer_key = (sample.shape, sample.device, sample.dtype)
+
+    def _write_thresholded(self, slot: int, i: int, x: torch.Tensor, out: torch.Tensor, history: torch.Tensor) -> None:
+        """P from the clamped x̂₀ (thresholding), written to this step's slot before the update."""
+        if torch.compiler.is_compiling():  # coefficients as tensors indexed by the step: one graph for all steps
+            cx, co, ex, e0 = self._threshold_table[i].unbind(0)
+        else:
+            (cx, co), (ex, e0) = self._x0_maps[i], self._p_from_x0[i]
         xf, of = x.to(history.dtype), out.to(history.dtype)
         x0 = threshold_x0(xf * cx + of * co, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
-        ex, e0 = self._d_from_x0[i]
-        d = history[row.write_slot]
-        torch.mul(x0.to(history.dtype), e0, out=d)
-        if ex != 0.0:
-            d.add_(xf, alpha=ex)
+        p = x0.to(history.dtype) * e0
+        history[slot] = p + xf * ex if torch.compiler.is_compiling() or ex != 0.0 else p
 
-    def _check_finite(self, prediction: torch.Tensor, i: int) -> None:
-        # NaN/inf in the model output reaches this step's prediction D; the sum of D is non-finite exactly
-        # then (barring an fp32 overflow of the sum) and costs a fraction of an elementwise isfinite pass.
-        # On an accelerator reading the flag would sync, so there it is kept on the device and read once,
-        # on the last step (the pipeline syncs then anyway).
-        total = prediction.sum()
-        if not self._defer_checks(prediction.device):
-            if not math.isfinite(total):  # a CPU tensor: no device to sync with
-                self._raise_nonfinite(i)
-            return
-        bad = ~torch.isfinite(total)
-        flag = self._nonfinite_step if self._nonfinite_step is not None else \
-            torch.full((), -1, dtype=torch.int64, device=prediction.device)
-        self._nonfinite_step = torch.where(bad & (flag < 0), torch.full_like(flag, i), flag)
-        if i == self.num_inference_steps - 1:
-            first = int(self._nonfinite_step)  # ok-sync: once per run, at the end
-            self._nonfinite_step = None
-            if first >= 0:
+    def _check_finite(self, prediction: torch.Tensor, sample: torch.Tensor, model_output: torch.Tensor,
+                      i: int) -> None:
+        if torch.compiler.is_compiling() or self._on_accelerator(prediction.device):
+            self._finite.update(prediction, i)
+            self._finite.publish()
+            first = self._finite.poll()
+            if first is not None:
+                self._finite.drain()
                 self._raise_nonfinite(first)
+            return
+        if not math.isfinite(prediction.sum()):  # a CPU tensor: no device to sync with
+            self._raise_nonfinite(i, sample, model_output)
 
-    @staticmethod
-    def _defer_checks(device: torch.device) -> bool:
-        """Whether reading a flag on ``device`` would stall the host (any accelerator)."""
-        return device.type != "cpu"
-
-    def _raise_nonfinite(self, i: int) -> None:
-        t = self._timesteps_np[i]
-        raise NonFiniteModelOutputError(
-            f"{type(self).__name__}: the model output at step {i} (timestep {t:g}) contains NaN or inf; "
-            "check the model and its dtype (fp16 overflow?), or pass check_finite=False to skip this test")
-
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """x_t = α_t x₀ + σ_t ε at the given timesteps (or at the current/begin index once one is set)."""
-        if self._plan is None:
-            raise RuntimeError(f"{type(self).__name__}: call `set_timesteps()` before `add_noise()`")
-        if timesteps.ndim == 0:
-            timesteps = timesteps[None]
-        if self._begin_index is None:
-            idx = [self.index_for_timestep(t) for t in timesteps.detach().cpu()]
+    def _raise_nonfinite(self, i: int, sample: torch.Tensor | None = None,
+                         model_output: torch.Tensor | None = None) -> None:
+        t = self._timesteps_np[i] if self._plan is not None and i < len(self._timesteps_np) else float("nan")
+        if sample is not None and not bool(torch.isfinite(sample).all()):
+            what = "the `sample` passed to step()"
+        elif model_output is not None:
+            what = "the model output"
         else:
-            idx = [self._step_index if self._step_index is not None else self._begin_index] * timesteps.shape[0]
-        a_s = self._alpha_sigma[idx].to(device=original_samples.device, dtype=original_samples.dtype)
-        shape = (-1,) + (1,) * (original_samples.ndim - 1)
-        return a_s[:, 0].reshape(shape) * original_samples + a_s[:, 1].reshape(shape) * noise
+            what = "the model output (or the sample passed to step())"
+        raise NonFiniteModelOutputError(
+            f"{type(self).__name__}: {what} at step {i} (timestep {t:g}) contains NaN or inf; check the model and "
+            "its dtype (fp16 overflow?), or pass check_finite=False to skip this test")
 
-    def scale_noise(self, sample: torch.Tensor, timestep: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Flow img2img: x_s = (1 − s)·x₀ + s·ε (same as ``add_noise``; SD3/Flux call this name)."""
+    def _raise_pending_nonfinite(self) -> None:
+        first = self._finite.drain()
+        if first is not None:
+            self._raise_nonfinite(first)
+
+    def raise_if_nonfinite(self) -> None:
+        """Wait for the accelerator's pending finiteness checks of this run and raise if one failed (on the CPU
+        every step checks at once)."""
+        self._raise_pending_nonfinite()
+
+    # Forward process ----------------------------------------------------------------------------------
+    def _timestep_array(self, timesteps: int | float | Sequence[float] | torch.Tensor) -> np.ndarray:
+        if isinstance(timesteps, torch.Tensor):
+            return np.asarray(timesteps.detach().cpu(), dtype=np.float64).reshape(-1)  # ok-sync: once per run
+        return np.asarray(timesteps, dtype=np.float64).reshape(-1)
+
+    def _forward_coefficients(self, timesteps, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(α_t, σ_t) as (B, 1, …) tensors in ``like``'s dtype and device, at the model timesteps: the training
+        ᾱ at integer timesteps of a discrete schedule (exactly as ``DDPMScheduler``), the schedule elsewhere."""
+        t = self._timestep_array(timesteps)
+        c = self.config
+        if not np.all(np.isfinite(t)) or np.any(t < 0) or np.any(t > c.num_train_timesteps):
+            raise ValueError(f"`timesteps` must lie in [0, {c.num_train_timesteps}], got {t.tolist()}")  # numpy: ok-sync
+        shape = (-1,) + (1,) * (like.ndim - 1)
+        if isinstance(self._noise_schedule, DiscreteVP) and np.all(t == np.round(t)) and np.all(t < c.num_train_timesteps):
+            ab = self.alphas_cumprod.to(device=like.device, dtype=like.dtype)[torch.from_numpy(t.astype(np.int64)).to(like.device)]
+            return (ab**0.5).reshape(shape), ((1 - ab) ** 0.5).reshape(shape)
+        a, s = self._alpha_sigma_at(t)
+        return (torch.from_numpy(a).to(like.device, like.dtype).reshape(shape),
+                torch.from_numpy(s).to(like.device, like.dtype).reshape(shape))
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor,
+                  timesteps: int | float | Sequence[float] | torch.Tensor) -> torch.Tensor:
+        """x_t = α_t x₀ + σ_t ε at the given model timesteps (one per sample, or one for all), with or without
+        ``set_timesteps``: equal to ``DDPMScheduler.add_noise`` at integer timesteps of a discrete schedule, and
+        to FlowMatch's (1 − s) x₀ + s ε with s = t / num_train_timesteps for flow models."""
+        a, s = self._forward_coefficients(timesteps, original_samples)
+        return a * original_samples + s * noise
+
+    def scale_noise(self, sample: torch.Tensor, timestep: int | float | torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Flow img2img: x_s = (1 − s)·x₀ + s·ε (``add_noise`` under the name SD3/Flux call)."""
         if not self.config.use_flow_sigmas:
             raise ValueError("`scale_noise` is for flow-matching configs (use_flow_sigmas=True); use `add_noise`")
-        t = timestep if isinstance(timestep, torch.Tensor) else torch.tensor([timestep])
-        return self.add_noise(sample, noise, t.reshape(-1)[:1].expand(sample.shape[0]) if t.numel() == 1 else t)
+        return self.add_noise(sample, noise, timestep)
 
-    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """v = α ε − σ x₀ at integer training timesteps (for v-prediction training)."""
-        if not isinstance(self._noise_schedule, DiscreteVP):
-            raise ValueError("`get_velocity` is defined for discrete VP schedules")
-        ab = torch.from_numpy(self._noise_schedule.alphas_cumprod)[timesteps.cpu().long()]
-        shape = (-1,) + (1,) * (sample.ndim - 1)
-        a = ab.sqrt().reshape(shape).to(sample.device, sample.dtype)
-        s = (1 - ab).sqrt().reshape(shape).to(sample.device, sample.dtype)
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        """v = α ε − σ x₀ at the given timesteps (for v-prediction training), with the same α, σ as ``add_noise``."""
+        a, s = self._forward_coefficients(timesteps, sample)
         return a * noise - s * sample
-
-    @property
-    def plan(self) -> Plan | None:
-        """The compiled plan of the current run (after ``set_timesteps``)."""
-        return self._plan
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps

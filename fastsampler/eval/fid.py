@@ -9,13 +9,17 @@ The pieces, in the order a run uses them:
 * ``generate_shards`` — samples in fixed-size shards with per-shard seeds (``shard_seed``), so the image set does
   not depend on the number of processes. Shard *i* goes to rank ``i % world_size``; each is written atomically
   (``shard_00003.safetensors``, uint8 NCHW) as soon as it is done, and existing shards are skipped, so an
-  interrupted run resumes where it stopped.
+  interrupted run resumes where it stopped. Each shard records the SHA-256 of its image bytes and everything
+  its images depend on (``shard_metadata``); on resume a shard is only reused when both still match, otherwise
+  it is regenerated with a ``RuntimeWarning`` naming the file and what differed.
 * ``FIDEvaluator`` — torchmetrics ``FrechetInceptionDistance`` with either the digits CNN extractor or
   InceptionV3 (only from a local weights file), reference statistics cached on disk (``reference_stats``),
-  fake statistics from the shards in index order, so the number is identical for any world size.
+  fake statistics from the shards in index order, so the number is identical for any world size. A cache file
+  that cannot be read or fails validation (checksum, key, shapes) is recomputed with a ``RuntimeWarning``.
 
 Distributed: under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) ``distributed_context`` initialises a gloo
-process group; every rank generates its shards, all meet at a barrier and rank 0 computes the FID.
+process group; every rank generates its shards, all meet at a barrier and rank 0 computes the FID. With
+``device="cuda"`` each rank samples on ``cuda:<LOCAL_RANK>`` (``select_device``).
 
 Image convention: samples in [−1, 1] are stored and scored as uint8 ``round((x + 1) · 127.5)`` (what a PNG would
 hold); reference images get exactly the same conversion. The metric is used with ``normalize=False`` and uint8
@@ -30,6 +34,7 @@ import inspect
 import json
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -41,6 +46,11 @@ from torch import nn
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 DIGITS_REFERENCES = ("digits-train", "digits-test", "digits-all")
 STATS_VERSION = 1  # bump when the way reference statistics are computed changes
+SHARD_FORMAT = "2"  # "1": no checksum / identity metadata (never reused)
+#: Shard metadata that must equal what the run would write for the shard to be reused (besides its checksum).
+#: The rest ("nfe", "device") is informational.
+SHARD_IDENTITY_KEYS = ("format", "shard", "count", "shape", "dtype", "convention", "seed", "shard_seed",
+                       "shard_size", "scheduler", "scheduler_class", "scheduler_config", "steps", "pipeline")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -49,10 +59,11 @@ STATS_VERSION = 1  # bump when the way reference statistics are computed changes
 
 @dataclass(frozen=True)
 class DistContext:
-    """Rank and world size of this process (``world_size == 1``: no process group)."""
+    """Rank, world size and node-local rank of this process (``world_size == 1``: no process group)."""
 
     rank: int = 0
     world_size: int = 1
+    local_rank: int = 0  # index among the processes on this machine: the GPU it uses (torchrun's LOCAL_RANK)
 
     @property
     def is_main(self) -> bool:
@@ -72,15 +83,36 @@ class DistContext:
 
 
 def distributed_context() -> DistContext:
-    """Read ``RANK``/``WORLD_SIZE`` (set by torchrun) and initialise a gloo group when there is more than one rank."""
+    """Read ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` (set by torchrun) and initialise a gloo group when there is more
+    than one rank. Without ``LOCAL_RANK`` the local rank is the global rank (one machine)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return DistContext()
+        return DistContext(local_rank=int(os.environ.get("LOCAL_RANK", "0")))
     import torch.distributed as dist
 
     if not dist.is_initialized():
         dist.init_process_group("gloo")
-    return DistContext(dist.get_rank(), dist.get_world_size())
+    rank = dist.get_rank()
+    return DistContext(rank, dist.get_world_size(), int(os.environ.get("LOCAL_RANK", str(rank))))
+
+
+def select_device(device: str | torch.device, ctx: DistContext) -> str:
+    """The device this rank samples on.
+
+    ``"cuda"`` without an index becomes ``"cuda:<local rank>"`` (so torchrun's ranks each get their own GPU instead
+    of all landing on ``cuda:0``); a CUDA device is also made the current one (``torch.cuda.set_device``). Any
+    other device is returned unchanged.
+    """
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return str(device)
+    index = ctx.local_rank if dev.index is None else dev.index
+    visible = torch.cuda.device_count()
+    if index >= visible:
+        raise RuntimeError(f"device {device!r} on rank {ctx.rank} (LOCAL_RANK {ctx.local_rank}) needs cuda:{index}, "
+                           f"but only {visible} CUDA device(s) are visible")
+    torch.cuda.set_device(index)
+    return f"cuda:{index}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -172,22 +204,112 @@ def read_shard(path: Path) -> tuple[torch.Tensor, dict[str, str]]:
         return f.get_tensor("images"), dict(f.metadata() or {})
 
 
-def _shard_is_complete(path: Path, count: int) -> bool:
+def images_sha256(images: torch.Tensor) -> str:
+    """SHA-256 of a tensor's bytes (C order)."""
+    return hashlib.sha256(np.ascontiguousarray(images.detach().cpu().numpy())).hexdigest()
+
+
+def _json_default(value: Any) -> Any:
+    """JSON for config values ``json`` does not know (arrays, tensors, enums, ...)."""
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        return value.tolist()
+    return str(value)
+
+
+def scheduler_fingerprint(scheduler) -> str:
+    """The scheduler's full config as canonical JSON (without diffusers' bookkeeping keys ``_*``)."""
+    config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
+    return json.dumps(config, sort_keys=True, default=_json_default)
+
+
+def shard_metadata(spec: RunSpec, scheduler, index: int, count: int, image_shape: Sequence[int],
+                   pipeline: str | None = None) -> dict[str, str]:
+    """What shard ``index`` of ``spec`` must record for its images to be reused (``SHARD_IDENTITY_KEYS``).
+
+    ``scheduler`` is a fresh instance of the run's scheduler (its config is recorded in full); ``image_shape`` is
+    (C, H, W); ``pipeline`` the pipeline's identity (``pipeline_id``), when known.
+    """
+    meta = {"format": SHARD_FORMAT, "shard": str(index), "count": str(count),
+            "shape": json.dumps([count, *image_shape]), "dtype": str(torch.uint8), "convention": "uint8-round",
+            "seed": str(spec.seed), "shard_seed": str(shard_seed(spec.seed, index)),
+            "shard_size": str(spec.shard_size), "scheduler": spec.scheduler,
+            "scheduler_class": type(scheduler).__name__, "scheduler_config": scheduler_fingerprint(scheduler),
+            "steps": str(spec.steps)}
+    if pipeline is not None:
+        meta["pipeline"] = pipeline
+    return meta
+
+
+def _describe_difference(key: str, stored: str | None, expected: str) -> str:
+    """One line on how metadata ``key`` differs (for a JSON config: the differing entries)."""
+    if stored is None:
+        return f"{key} missing (expected {expected!r})"
+    if key == "scheduler_config":
+        try:
+            old, new = json.loads(stored), json.loads(expected)
+        except ValueError:
+            return f"{key}: stored value is not valid JSON"
+        keys = sorted(k for k in old.keys() | new.keys() if old.get(k, "<unset>") != new.get(k, "<unset>"))
+        return f"{key}: " + ", ".join(f"{k} stored {old.get(k, '<unset>')!r}, expected {new.get(k, '<unset>')!r}"
+                                      for k in keys)
+    return f"{key}: stored {stored!r}, expected {expected!r}"
+
+
+def shard_mismatch(path: Path, expected: dict[str, str]) -> str | None:
+    """Why the shard file at ``path`` cannot be reused as a shard with metadata ``expected`` (None: it can).
+
+    Checks that the file reads, that its image bytes hash to the recorded SHA-256, that every identity key of
+    ``expected`` (``SHARD_IDENTITY_KEYS``) was recorded with the same value, and that the tensor's shape and dtype
+    are the expected ones.
+    """
+    try:
+        images, stored = read_shard(path)
+    except Exception as err:  # truncated / corrupt file
+        return f"unreadable ({type(err).__name__}: {err})"
+    if "sha256" not in stored:
+        return "no checksum recorded (written by an older fastsampler, or not a shard of this run)"
+    actual = images_sha256(images)
+    if actual != stored["sha256"]:
+        return (f"checksum mismatch: the image bytes hash to {actual[:16]}…, the file records "
+                f"{stored['sha256'][:16]}…")
+    differences = [_describe_difference(k, stored.get(k), expected[k])
+                   for k in SHARD_IDENTITY_KEYS if k in expected and stored.get(k) != expected[k]]
+    if differences:
+        return "metadata differs: " + "; ".join(differences)
+    if json.dumps(list(images.shape)) != expected["shape"] or str(images.dtype) != expected["dtype"]:
+        return (f"the tensor is {images.dtype} {list(images.shape)}, expected {expected['dtype']} "
+                f"{expected['shape']}")
+    return None
+
+
+def _reusable_shard(path: Path, expected: dict[str, str]) -> bool:
+    """Whether the shard at ``path`` exists and matches ``expected``; warns (naming the file) when it exists but
+    does not."""
     if not path.is_file():
         return False
-    try:
-        images, _ = read_shard(path)
-    except Exception:  # truncated / corrupt file: regenerate it
-        return False
-    return images.shape[0] == count
+    problem = shard_mismatch(path, expected)
+    if problem is None:
+        return True
+    warnings.warn(f"FID shard {path} cannot be reused, regenerating it: {problem}", RuntimeWarning, stacklevel=3)
+    return False
 
 
-def _write_shard(path: Path, images: torch.Tensor, metadata: dict[str, str]) -> None:
+def _atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write a safetensors file atomically (temporary file in the same directory, then ``os.replace``)."""
     from safetensors.torch import save_file
 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({"images": images.contiguous()}, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_shard(path: Path, images: torch.Tensor, metadata: dict[str, str]) -> None:
+    """Write a shard atomically, recording the SHA-256 of its image bytes with ``metadata``."""
+    images = images.contiguous()
+    _atomic_save_safetensors({"images": images}, path, {**metadata, "sha256": images_sha256(images)})
 
 
 @dataclass
@@ -202,8 +324,12 @@ class GenerationReport:
 
 def generate_shards(unet: nn.Module, base_config: dict, spec: RunSpec, num_samples: int, run_dir: Path,
                     ctx: DistContext = DistContext(), device: str | torch.device = "cpu",
-                    progress: bool = True) -> GenerationReport:
-    """Generate this rank's missing shards of ``spec`` into ``run_dir`` (shard i belongs to rank i % world)."""
+                    progress: bool = True, pipeline: str | None = None) -> GenerationReport:
+    """Generate this rank's missing shards of ``spec`` into ``run_dir`` (shard i belongs to rank i % world).
+
+    An existing shard is reused only when its checksum and metadata (``shard_metadata``; ``pipeline``: the
+    pipeline's identity, recorded and checked when given) match; otherwise it is regenerated with a warning.
+    """
     from tqdm.auto import tqdm
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -211,6 +337,7 @@ def generate_shards(unet: nn.Module, base_config: dict, spec: RunSpec, num_sampl
     shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size) if isinstance(cfg.sample_size, int) \
         else (cfg.in_channels, *cfg.sample_size)
     counts = shard_counts(num_samples, spec.shard_size)
+    reference_scheduler = resolve_scheduler(spec.scheduler, base_config, spec.scheduler_kwargs)  # before any use
     mine = [i for i in range(len(counts)) if i % ctx.world_size == ctx.rank]
     report = GenerationReport()
     t0 = time.perf_counter()
@@ -218,7 +345,8 @@ def generate_shards(unet: nn.Module, base_config: dict, spec: RunSpec, num_sampl
                disable=not (progress and ctx.is_main), leave=False)
     for i in bar:
         path = shard_path(run_dir, i)
-        if _shard_is_complete(path, counts[i]):
+        expected = shard_metadata(spec, reference_scheduler, i, counts[i], shape, pipeline)
+        if _reusable_shard(path, expected):
             report.skipped.append(i)
             continue
         gen = torch.Generator(device="cpu").manual_seed(shard_seed(spec.seed, i))
@@ -227,19 +355,22 @@ def generate_shards(unet: nn.Module, base_config: dict, spec: RunSpec, num_sampl
         scheduler = resolve_scheduler(spec.scheduler, base_config, spec.scheduler_kwargs)
         x, nfe = sample(unet, scheduler, spec.steps, noise, step_gen)
         report.nfe = nfe
-        _write_shard(path, to_uint8(x).cpu(), {"shard": str(i), "nfe": str(nfe), "seed": str(shard_seed(spec.seed, i)),
-                                               "scheduler": spec.scheduler, "steps": str(spec.steps)})
+        _write_shard(path, to_uint8(x).cpu(), {**expected, "nfe": str(nfe), "device": torch.device(device).type})
         report.generated.append(i)
     report.seconds = time.perf_counter() - t0
     return report
 
 
 def iter_shards(run_dir: Path, num_samples: int, shard_size: int) -> Iterator[torch.Tensor]:
-    """The uint8 images of every shard, in index order."""
+    """The uint8 images of every shard, in index order (each checked against its recorded checksum)."""
     for i, count in enumerate(shard_counts(num_samples, shard_size)):
-        images, _ = read_shard(shard_path(run_dir, i))
+        path = shard_path(run_dir, i)
+        images, meta = read_shard(path)
         if images.shape[0] != count:
-            raise RuntimeError(f"{shard_path(run_dir, i)} holds {images.shape[0]} images, expected {count}")
+            raise RuntimeError(f"{path} holds {images.shape[0]} images, expected {count}")
+        if meta.get("sha256") != images_sha256(images):
+            raise RuntimeError(f"{path}: the image bytes do not match the recorded checksum (the file changed after "
+                               "it was generated); rerun to regenerate it")
         yield images
 
 
@@ -404,23 +535,65 @@ def reference_stats(extractor: Extractor, reference: str, cache_dir: Path, batch
     The cache file name is a hash of the extractor weights, the reference's identity, the image convention and
     ``STATS_VERSION``; a stale file can therefore never be picked up.
     """
-    from safetensors.torch import load_file, save_file
-
     key = {"version": STATS_VERSION, "reference": reference_id(reference), "convention": "uint8-round",
            **extractor.identity()}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    key_json = json.dumps(key, sort_keys=True)
+    digest = hashlib.sha256(key_json.encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"refstats_{extractor.name}_{digest}.safetensors"
     if path.is_file():
-        return load_file(str(path))
+        cached = _load_reference_stats(path, key_json)
+        if cached is not None:
+            return cached
     metric = extractor.metric()
     images = load_reference_images(reference)
     for i in range(0, images.shape[0], batch_size):
         metric.update(extractor.prepare(images[i:i + batch_size]), real=True)
     states = {name: getattr(metric, name).detach().clone() for name in REAL_STATES}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(states, str(tmp), metadata={"key": json.dumps(key, sort_keys=True)})
-    tmp.replace(path)
+    _atomic_save_safetensors(states, path, {"key": key_json, "sha256": _states_sha256(states)})
+    return states
+
+
+def _states_sha256(states: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of ``states``."""
+    h = hashlib.sha256()
+    for name in sorted(states):
+        t = states[name]
+        h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(images_sha256(t).encode())
+    return h.hexdigest()
+
+
+def _check_reference_stats(states: dict[str, torch.Tensor], metadata: dict[str, str], key_json: str) -> None:
+    """Raise ``ValueError`` saying why cached reference statistics are unusable."""
+    if set(states) != set(REAL_STATES):
+        raise ValueError(f"holds {sorted(states)}, expected {sorted(REAL_STATES)}")
+    if metadata.get("key") != key_json:
+        raise ValueError("its recorded key does not match the extractor/reference it is named after")
+    if metadata.get("sha256") != _states_sha256(states):
+        raise ValueError("checksum mismatch (missing, or the tensors changed after they were written)")
+    total, cov, count = (states[name] for name in REAL_STATES)
+    features = total.shape[0] if total.dim() == 1 else -1
+    if features < 1 or tuple(cov.shape) != (features, features) or count.numel() != 1 or int(count) < 2:
+        raise ValueError(f"inconsistent shapes/count: sum {list(total.shape)}, cov_sum {list(cov.shape)}, "
+                         f"num_samples {count.tolist()}")
+    if not (torch.isfinite(total).all() and torch.isfinite(cov).all()):
+        raise ValueError("non-finite statistics")
+
+
+def _load_reference_stats(path: Path, key_json: str) -> dict[str, torch.Tensor] | None:
+    """Cached reference statistics from ``path``, or None (with a warning naming the file) when unusable."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            states = {name: f.get_tensor(name) for name in f.keys()}
+            metadata = dict(f.metadata() or {})
+        _check_reference_stats(states, metadata, key_json)
+    except Exception as err:  # unreadable, truncated, or fails validation: recompute
+        warnings.warn(f"FID reference statistics cache {path} is unusable, recomputing it: "
+                      f"{type(err).__name__}: {err}", RuntimeWarning, stacklevel=3)
+        return None
     return states
 
 
@@ -477,7 +650,7 @@ def evaluate_run(pipe, pipe_id: str, spec: RunSpec, num_samples: int, out_dir: P
                                                       "num_samples": num_samples}, indent=2) + "\n")
     t0 = time.perf_counter()
     report = generate_shards(pipe.unet, dict(pipe.scheduler.config), spec, num_samples, run_dir, ctx, device,
-                             progress)
+                             progress, pipeline=pipe_id)
     if on_generated is not None:
         on_generated(report)
     ctx.barrier()
@@ -507,8 +680,9 @@ def run_sweep(specs: Sequence[RunSpec], num_samples: int, out_dir: str | Path, p
               ctx: DistContext | None = None) -> list[RunResult]:
     """Evaluate every spec in order (shared pipeline, reference statistics and output dir).
 
-    ``features="auto"``: the digits extractor for the ``digits-*`` references, InceptionV3 otherwise. Returns the
-    results on rank 0 and an empty list on the other ranks.
+    ``features="auto"``: the digits extractor for the ``digits-*`` references, InceptionV3 otherwise. ``device``
+    goes through ``select_device`` (``"cuda"``: ``cuda:<LOCAL_RANK>``). Returns the results on rank 0 and an empty
+    list on the other ranks.
     """
     from tqdm.auto import tqdm
 
@@ -518,6 +692,7 @@ def run_sweep(specs: Sequence[RunSpec], num_samples: int, out_dir: str | Path, p
     extractor = Extractor.create(features, inception_weights)  # every rank fails early on a bad choice
     out_dir = Path(out_dir)
     cache_dir = Path(cache_dir) if cache_dir is not None else out_dir / "ref_stats"
+    device = select_device(device, ctx)  # "cuda" → this rank's own GPU
     pipe = load_pipeline(pipeline).to(device)
     pipe_id = pipeline_id(pipeline)
     evaluator = FIDEvaluator(extractor, reference, cache_dir) if ctx.is_main else None

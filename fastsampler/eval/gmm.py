@@ -28,7 +28,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from fastsampler.schedules.noise import make_betas
+from fastsampler.samplers.convert import PREDICTION_TYPES
+from fastsampler.schedules.noise import ContinuousVP, make_betas
 
 #: Per-pixel std of each digits component (data scaled to [−1, 1]). Why 0.1: it is just under one grey level
 #: of the 17-level digits data (0.125), so a sample is a training image perturbed by less than one level;
@@ -36,9 +37,6 @@ from fastsampler.schedules.noise import make_betas
 #: component did a sample land in" is unambiguous; and ρ ≈ τ, where the ODE's last bend happens, lies inside
 #: every preset's grid (SD's smallest training ρ is 0.029), so solvers are tested on the hard low-noise end.
 DIGITS_TAU = 0.1
-
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
-
 
 def _as_column(value: float | np.ndarray | torch.Tensor, batch: int) -> torch.Tensor:
     """A scalar or per-sample (B,) noise coefficient as a float64 (B, 1) column."""
@@ -189,6 +187,18 @@ class DiscreteVPTime:
 
 
 @dataclass(frozen=True)
+class ContinuousVPTime:
+    """Continuous VP (``noise_schedule="vp_linear"`` / ``"vp_cosine"``): model time t·1000, ρ from the schedule."""
+
+    schedule: ContinuousVP
+
+    def alpha_sigma(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        rho = self.schedule.rho_at(np.asarray(t, dtype=np.float64) / 1000.0)
+        alpha = 1.0 / np.sqrt(1.0 + rho**2)
+        return alpha, rho * alpha
+
+
+@dataclass(frozen=True)
 class FlowTime:
     """Flow matching: s = t/T, α = 1 − s, σ = s."""
 
@@ -199,12 +209,14 @@ class FlowTime:
         return 1.0 - s, s
 
 
-def time_conditioning(config: Mapping[str, Any]) -> DiscreteVPTime | FlowTime:
+def time_conditioning(config: Mapping[str, Any]) -> DiscreteVPTime | ContinuousVPTime | FlowTime:
     """The (α, σ) map a model trained with this scheduler config is conditioned on."""
     num_train_timesteps = int(config.get("num_train_timesteps", 1000))
     is_flow = bool(config.get("use_flow_sigmas")) or ("shift" in config and "beta_schedule" not in config)
     if is_flow:
         return FlowTime(num_train_timesteps)
+    if config.get("noise_schedule") in ("vp_linear", "vp_cosine"):
+        return ContinuousVPTime(ContinuousVP(config["noise_schedule"][3:]))
     if config.get("rescale_betas_zero_snr"):
         raise NotImplementedError("zero-terminal-SNR schedules are not supported by the mixture model")
     return DiscreteVPTime.from_betas(num_train_timesteps, config.get("beta_start", 0.0001),
@@ -222,7 +234,7 @@ class MixtureModel:
     """
 
     denoiser: MixtureDenoiser
-    time: DiscreteVPTime | FlowTime
+    time: DiscreteVPTime | ContinuousVPTime | FlowTime
     prediction_type: str = "epsilon"
     num_calls: int = field(default=0, init=False)
 

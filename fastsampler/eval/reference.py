@@ -14,7 +14,9 @@ At κ = 1 both states coincide (w = y). The output is x̂₀(y(ρ_min), ρ_min),
 relative error ≈ ρ_min²/(2τ²) of the within-component deviation; ρ_min = 1e-4·τ by default makes that 5e-9.
 
 ``reference_solution`` caches results under ``$FASTSAMPLER_CACHE`` (default ``~/.cache/fastsampler``)/reference,
-keyed by a SHA-256 of everything the answer depends on (``reference_key``), and can check its own tolerance:
+keyed by a SHA-256 of everything the answer depends on (``reference_key``), written atomically; a cache file
+that cannot be read or fails validation is recomputed (and overwritten) with a ``RuntimeWarning`` naming it.
+It can also check its own tolerance:
 halving rtol and atol must change the answer by less than 1e-3 of a given error scale (RMSE), else the
 tolerance is tightened tenfold and the check repeated.
 """
@@ -25,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,23 +159,48 @@ def reference_key(denoiser: MixtureDenoiser, x_start: torch.Tensor, alpha_start:
     return h.hexdigest()
 
 
-def _load(path: Path, key: str) -> ReferenceSolution | None:
-    if not path.exists():
-        return None
-    with np.load(path) as f:
+def _read(path: Path, key: str, shape: tuple[int, ...] | None) -> ReferenceSolution:
+    """The solution stored at ``path``; raises (``ValueError``, ``BadZipFile``, ``KeyError``, ...) when the file
+    is unreadable or its content is not a valid solution for ``key`` (of ``shape``, when given)."""
+    with np.load(path, allow_pickle=False) as f:  # zip members are CRC-checked as they are read
         meta = json.loads(str(f["meta"]))
         x0 = torch.from_numpy(f["x0"].copy())
-    return ReferenceSolution(x0, key, Tolerance(**meta["tolerance"]), meta["num_evaluations"], True,
-                             meta["tolerance_check"])
+    if meta.get("key", key) != key:
+        raise ValueError(f"it records key {meta['key']!r}")
+    if x0.dtype != torch.float64 or x0.dim() != 2 or (shape is not None and tuple(x0.shape) != shape):
+        raise ValueError(f"x0 is {x0.dtype} {list(x0.shape)}, expected float64 {list(shape or ('B', 'D'))}")
+    if not torch.isfinite(x0).all():
+        raise ValueError("x0 is not finite")
+    check = meta["tolerance_check"]
+    if check is not None and not isinstance(check, dict):
+        raise ValueError(f"tolerance_check is {check!r}")
+    return ReferenceSolution(x0, key, Tolerance(**meta["tolerance"]), int(meta["num_evaluations"]), True, check)
+
+
+def _load(path: Path, key: str, shape: tuple[int, ...] | None = None) -> ReferenceSolution | None:
+    """The cached solution at ``path``; None when there is none, or when it is unusable (then with a
+    ``RuntimeWarning`` naming the file, and the caller recomputes and overwrites it)."""
+    if not path.exists():
+        return None
+    try:
+        return _read(path, key, shape)
+    except Exception as err:  # truncated, garbage, wrong content: recompute
+        warnings.warn(f"reference solution cache {path} is unusable, recomputing it: {type(err).__name__}: {err}",
+                      RuntimeWarning, stacklevel=3)
+        return None
 
 
 def _store(path: Path, ref: ReferenceSolution) -> None:
+    """Write ``ref`` to ``path`` atomically (temporary file in the same directory, then ``os.replace``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"tolerance": {"rtol": ref.tolerance.rtol, "atol": ref.tolerance.atol},
+    meta = {"key": ref.key, "tolerance": {"rtol": ref.tolerance.rtol, "atol": ref.tolerance.atol},
             "num_evaluations": ref.num_evaluations, "tolerance_check": ref.tolerance_check}
     tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-    np.savez(tmp, x0=ref.x0.numpy(), meta=np.array(json.dumps(meta)))
-    os.replace(tmp, path)
+    try:
+        np.savez(tmp, x0=ref.x0.numpy(), meta=np.array(json.dumps(meta)))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # Reference with tolerance check --------------------------------------------------------------------------
@@ -205,7 +233,7 @@ def reference_solution(denoiser: MixtureDenoiser, x_start: torch.Tensor, alpha_s
     key = reference_key(denoiser, x_start, alpha_start, sigma_start, tol, rho_min, error_scale)
     path = cache_dir() / f"{key}.npz"
     if use_cache:
-        cached = _load(path, key)
+        cached = _load(path, key, (x_start.shape[0], x_start[0].numel()))
         if cached is not None:
             return cached
     if error_scale is None:

@@ -1,20 +1,31 @@
-"""The torch path of the per-step update: a few fused-by-hand elementwise ops, no host/device sync.
+"""The torch path of the per-step update: a few elementwise ops per row, no host/device sync.
 
-    D      = d_x·X + d_o·O            → history[write_slot]
-    X_next = Σ_j x_j·src_j            over src = (X, S, Z, history slots…)
-    S_new  = Σ_j s_j·src_j            (rows that save)
+    P      = c_x·X + c_o·O                          → history[write_slot]   (unless a hook already wrote it)
+    D̂      = Σ_j s_j·src_j                          → history[write_slot]   (rows whose store mixes; else D̂ = P)
+    X_next = Σ_j a_j·src_j                          over src = (X, P, Z, registers…, history slots…)
+    R'_r   = Σ_j u_{r,j}·src_j                      (rows that write register r)
 
-Computation is in float32 (float64 for float64 inputs); X_next is returned in X's dtype.
+The state is a tuple of register tensors (None until first written); a row returns a new tuple. Computation is
+in the history's dtype (float32, or float64 for float64 samples); X_next comes back in X's dtype.
 """
 
 from __future__ import annotations
 
 import torch
 
-from fastsampler.kernels.row import SRC_S, SRC_SLOTS, SRC_X, SRC_Z, Row
+from fastsampler.plans.format import SRC_X, RowView, Terms
+
+State = tuple[torch.Tensor | None, ...]
 
 
-def _lincomb(terms: tuple[tuple[int, float], ...], sources: list[torch.Tensor | None]) -> torch.Tensor:
+def init_state(registers: int, like: torch.Tensor) -> State:
+    """No register holds anything before the first row writes it."""
+    return (None,) * registers
+
+
+def _lincomb(terms: Terms, sources: list[torch.Tensor | None], like: torch.Tensor) -> torch.Tensor:
+    if not terms:
+        return torch.zeros_like(like)
     (j0, c0), rest = terms[0], terms[1:]
     acc = torch.mul(sources[j0], c0)
     for j, c in rest:
@@ -22,51 +33,55 @@ def _lincomb(terms: tuple[tuple[int, float], ...], sources: list[torch.Tensor | 
     return acc
 
 
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def write_prediction(row: Row, x: torch.Tensor, out: torch.Tensor, d: torch.Tensor) -> None:
-    """d (the history slot ``row.write_slot``) = d_x·X + d_o·O."""
-    if row.d_x == 0.0:
-        torch.mul(out, row.d_o, out=d)
+def write_prediction(row: RowView, x: torch.Tensor, out: torch.Tensor, p: torch.Tensor) -> None:
+    """p = c_x·X + c_o·O, in place."""
+    if row.c_x == 0.0:
+        torch.mul(out, row.c_o, out=p)
     else:
-        torch.mul(x, row.d_x, out=d)
-        d.add_(out, alpha=row.d_o)
+        torch.mul(x, row.c_x, out=p)
+        p.add_(out, alpha=row.c_o)
 
 
-def combine(row: Row, x: torch.Tensor, slots: tuple[torch.Tensor, ...], saved: torch.Tensor | None,
-            noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(X_next, S_new) from the sources, with this step's prediction already in its slot."""
-    sources: list[torch.Tensor | None] = [x, saved, noise, *slots]
-    x_next = _lincomb(row.x_terms, sources) if row.x_terms else torch.zeros_like(x)
-    if row.s_terms is None:
-        return x_next, saved
-    if row.s_terms == ((SRC_X, 1.0),):
-        return x_next, x  # saving the input as it is (apply_row_torch passes a private copy)
-    return x_next, (_lincomb(row.s_terms, sources) if row.s_terms else torch.zeros_like(x))
-
-
-def apply_row_torch(row: Row, x: torch.Tensor, out: torch.Tensor, history: torch.Tensor,
-                    saved: torch.Tensor | None, noise: torch.Tensor | None,
-                    prediction_written: bool = False, coef: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One full update. ``prediction_written``: a hook (thresholding) already stored D in the history.
-    ``coef`` (the packed row on the device) is accepted for signature parity with the Triton kernel."""
-    dtype = history.dtype
-    terms = row.x_terms + (row.s_terms or ())
-    if saved is None and any(j == SRC_S for j, _ in terms):
-        raise ValueError("the row reads the saved state S but `saved` is None")
-    if noise is None and any(j == SRC_Z for j, _ in terms):
+def check_sources(row: RowView, state: State, noise: torch.Tensor | None) -> None:
+    if noise is None and row.uses_noise:
         raise ValueError("the row reads noise Z but `noise` is None")
+    for q in range(row.registers):
+        if (row.torch_registers >> q) & 1 and state[q] is None:
+            raise ValueError(f"the row reads register {q}, which no earlier row of this run wrote")
+
+
+def apply_row_torch(row: RowView, x: torch.Tensor, out: torch.Tensor, history: torch.Tensor, state: State,
+                    noise: torch.Tensor | None, prediction_written: bool = False) -> tuple[torch.Tensor, State]:
+    """One full update; returns (X_next, new state). ``prediction_written``: a hook (thresholding) already stored
+    P in the write slot."""
+    dtype = history.dtype
+    if row.torch_registers or row.uses_noise:
+        check_sources(row, state, noise)
     x32 = x if x.dtype == dtype else x.to(dtype)
-    if x32 is x and row.s_terms == ((SRC_X, 1.0),):
-        # S keeps this state for later steps: never alias the caller's tensor, which a pipeline may reuse.
-        x32 = x.clone()
     slots = history.unbind(0)
+    slot = slots[row.write_slot]
+    if row.mixes_store:
+        p = slot.clone() if prediction_written else torch.empty_like(slot)
+    else:
+        p = slot
     if not prediction_written:
-        write_prediction(row, x32, out if out.dtype == dtype else out.to(dtype), slots[row.write_slot])
-    x_next, s_new = combine(row, x32, slots, saved, noise)
-    return (x_next if x_next.dtype == x.dtype else x_next.to(x.dtype)), s_new
+        write_prediction(row, x32, out if out.dtype == dtype else out.to(dtype), p)
+    sources: list[torch.Tensor | None] = [x32, p, noise, *state, *slots]
+    if row.mixes_store:
+        slot.copy_(_lincomb(row.store_terms, sources, x32))
+    x_next = _lincomb(row.next_terms, sources, x32)
+    if row.writes_registers:
+        new = list(state)
+        for q, terms in enumerate(row.register_terms):
+            if terms is None:
+                continue
+            if terms == ((SRC_X, 1.0),):
+                # The register keeps this state for later steps: never alias the caller's tensor.
+                new[q] = x32.clone() if x32 is x else x32
+            else:
+                new[q] = _lincomb(terms, sources, x32)
+        state = tuple(new)
+    return (x_next if x_next.dtype == x.dtype else x_next.to(x.dtype)), state
 
 
-__all__ = ["apply_row_torch", "write_prediction", "combine", "compute_dtype", "SRC_SLOTS"]
+__all__ = ["apply_row_torch", "init_state", "write_prediction"]

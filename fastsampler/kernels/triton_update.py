@@ -1,31 +1,31 @@
 """Fused Triton kernel for one plan row: every input read once, every output written once, no host sync.
 
-Per element, all arithmetic in fp32 (equivalent torch code: ``fastsampler.kernels.reference.apply_row_torch``):
+Per element, all arithmetic in fp32 (the equivalent torch code is ``fastsampler.kernels.reference``):
 
-    D      = d_x·X + d_o·O                          → history[write_slot]   (read back instead if a hook wrote it)
-    X_next = a_x·X + a_s·S + a_z·Z + Σ_k a_k·H_k    (H_write_slot is D, taken from registers)
-    S_new  = u_x·X + u_s·S + u_z·Z + Σ_k u_k·H_k    (rows that save)
+    P      = c_x·X + c_o·O                (or read from the write slot if a hook — thresholding — stored it)
+    D̂      = Σ_j s_j·src_j               → history[write_slot]    (D̂ = P unless the row mixes its store)
+    X_next = Σ_j a_j·src_j               → a fresh tensor in X's dtype
+    R'_r   = Σ_j u_{r,j}·src_j           → the register buffer, in place (rows that write r)
 
-The coefficients are read inside the kernel from a float32 row on the device (``coef``; the scheduler uploads
-its whole table once and passes a row view), so a step makes neither a host/device synchronisation nor a
-host→device copy. Which sources a row touches is known on the host (``row.x_terms`` / ``row.s_terms``, plain
-Python data): S and Z are compile-time flags, and history slots whose coefficients are all zero are masked out
-of the load, so they cost no memory traffic and — like the torch path, which skips zero terms — a NaN/inf left
-in an unused slot cannot leak into the result through 0·NaN.
+over src = (X, P, Z, R_0…R_{R−1}, H_0…H_{K−1}). The packed row (``RowView.packed``) has the write slot substituted
+by D̂'s own combination, so no output reads the slot being written and one pass suffices. Each program handles
+its own elements, so updating registers and the write slot in place is safe. The number of registers R and of
+slots K are compile-time constants; which registers are read or written and whether Z is read are compile-time
+flags; which history slots are read is a runtime bit mask (the ring buffer rotates, so a constant would compile a
+kernel per rotation), and masked-out slots move no memory — like the torch path, which skips zero terms, a NaN
+left in an unused slot cannot leak in through 0·NaN.
+
+Coefficients are read inside the kernel from a float32 row on the device (``coef``: the scheduler uploads its
+whole table in ``set_timesteps(device=…)`` and passes a row view), so a step makes neither a host/device
+synchronisation nor a host→device copy.
 
 Layout and dtype rules:
 
-* X and O may each be fp32, fp16 or bf16; S and Z are read as whatever float dtype they have (fp32 in
-  practice) and converted to fp32 in registers.
-* Inputs X, O, S, Z that are not contiguous are copied to contiguous tensors first (Triton indexes flat
-  memory; a strided tensor would be read in the wrong order). ``history`` is written in place, so it must be
-  contiguous (a ValueError otherwise — the scheduler allocates it contiguous).
-* Outputs are fresh, contiguous tensors: X_next in X's dtype; S_new in fp32. Unlike the torch path, which
-  returns ``x`` itself when a row saves exactly its input (``s_terms == ((SRC_X, 1.0),)``), the kernel always
-  writes S_new to a fresh fp32 tensor (4 bytes/element more on such rows, and no aliasing of the caller's
-  sample). Rows that do not save return ``saved`` unchanged.
-* float64 inputs (history float64) and K > MAX_SLOTS history slots fall back to the torch path.
-* A row that reads S or Z while ``saved`` / ``noise`` is None is an error (the torch path fails too).
+* X and O may each be fp32, fp16 or bf16; Z is read as whatever float dtype it has; history and registers are
+  fp32 and must be contiguous (they are written in place; the scheduler allocates them so).
+* Inputs X, O, Z that are not contiguous are copied first (Triton indexes flat memory).
+* The state is one (R, …) fp32 register buffer (``init_state``), updated in place.
+* float64 samples and K > MAX_SLOTS use the torch path (``fastsampler.kernels.dispatch`` decides).
 """
 
 from __future__ import annotations
@@ -37,80 +37,102 @@ import torch
 import triton
 import triton.language as tl
 
-from fastsampler.kernels.reference import apply_row_torch
-from fastsampler.kernels.row import SRC_S, SRC_SLOTS, SRC_Z, Row
+from fastsampler.plans.format import RowView
 
-MAX_SLOTS = 6
+MAX_SLOTS = 8
+MAX_REGISTERS = 4
 # The jit decorator picks the interpreter or the compiler when this module is imported. (The interpreter also
 # only works if TRITON_INTERPRET=1 was set before triton itself was first imported — see tests/conftest.py.)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Under the interpreter autotuning and device queries fail: exactly one config there. On a GPU three configs
-# are tuned on the first call for each (size, K, flags, dtypes) key — well under a second, cached on disk
-# (cache_results) for later processes; it synchronises, so don't make that first call inside CUDA-graph capture.
-# Re-running the kernel while tuning is harmless: it only overwrites its outputs with the same values.
+# are tuned on the first call for each key — well under a second, cached on disk (cache_results) for later
+# processes; it synchronises, so make the first call outside CUDA-graph capture.
 _CONFIGS = [triton.Config({"BLOCK": 1024}, num_warps=4)] if _INTERPRET else [
     triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((1024, 4), (2048, 8), (4096, 8))]
 
 
-@triton.autotune(configs=_CONFIGS, key=["n", "K", "HAS_S", "HAS_Z", "WRITE_S", "WRITE_D"], cache_results=True)
+@triton.autotune(configs=_CONFIGS,
+                 key=["n", "R", "K", "HAS_Z", "COMPUTE_P", "MIX_STORE", "READ_REGS", "WRITE_REGS"],
+                 cache_results=True)
 @triton.jit
 def _plan_row_kernel(
-    x_ptr,       # X, the current sample (n elements, fp32/fp16/bf16)
-    o_ptr,       # O, the model output (n elements, any float dtype; unread when WRITE_D is False)
-    s_ptr,       # S, the saved state (read only when HAS_S)
+    x_ptr,       # X, the current sample (n elements)
+    o_ptr,       # O, the model output (n elements; unread unless COMPUTE_P)
     z_ptr,       # Z, the noise (read only when HAS_Z)
-    h_ptr,       # history, K×n fp32, slot k at h_ptr + k·n; slot write_slot receives D
-    coef_ptr,    # packed fp32 row [d_x, d_o, s_write, x_coef (3+K), s_coef (3+K)]
+    reg_ptr,     # registers, R×n fp32, register r at reg_ptr + r·n (updated in place)
+    h_ptr,       # history, K×n fp32, slot k at h_ptr + k·n
+    coef_ptr,    # packed fp32 row [c_x, c_o, M (2+R)×C row-major], C = 3 + R + K
     xn_ptr,      # X_next out (n elements, X's dtype)
-    sn_ptr,      # S_new out (n elements, fp32; unwritten unless WRITE_S)
     n,           # elements per tensor
-    write_slot,  # history slot of this step's prediction D
-    used_slots,  # bit k set ⇔ some coefficient of slot k is non-zero (others are not loaded)
-    K: tl.constexpr, HAS_S: tl.constexpr, HAS_Z: tl.constexpr,
-    WRITE_S: tl.constexpr, WRITE_D: tl.constexpr, BLOCK: tl.constexpr,
+    write_slot,  # history slot of this step's stored prediction
+    used_slots,  # bit k set ⇔ the fused row reads slot k
+    R: tl.constexpr, R_PAD: tl.constexpr, K: tl.constexpr, HAS_Z: tl.constexpr, COMPUTE_P: tl.constexpr,
+    MIX_STORE: tl.constexpr, READ_REGS: tl.constexpr, WRITE_REGS: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    C: tl.constexpr = 3 + R + K
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     n64 = tl.cast(n, tl.int64)  # slot offsets k·n in int64 (n may arrive as i32 or as the constexpr 1)
-    d_ptr = h_ptr + tl.cast(write_slot, tl.int64) * n64 + offs
     # Scalars are broadcast to vectors before they enter a mask: the interpreter rejects scalar & vector masks.
-    zero = tl.zeros_like(offs)
-    slot = zero + write_slot
-    used = zero + used_slots
+    used = tl.zeros_like(offs) + used_slots
+    d_ptr = h_ptr + tl.cast(write_slot, tl.int64) * n64 + offs
+    m_ptr = coef_ptr + 2
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if WRITE_D:
+    if COMPUTE_P:
         o = tl.load(o_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        d = tl.load(coef_ptr + 0) * x + tl.load(coef_ptr + 1) * o
-        tl.store(d_ptr, d, mask=mask)
-    else:  # a hook (thresholding) already stored D
-        d = tl.load(d_ptr, mask=mask, other=0.0)
-    xc = coef_ptr + 3           # x_coef over (X, S, Z, H_0..H_K-1)
-    sc = coef_ptr + 3 + (3 + K)  # s_coef, same order
-    acc = tl.load(xc + 0) * x
-    if WRITE_S:
-        sacc = tl.load(sc + 0) * x
-    if HAS_S:
-        s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        acc += tl.load(xc + 1) * s
-        if WRITE_S:
-            sacc += tl.load(sc + 1) * s
+        p = tl.load(coef_ptr + 0) * x + tl.load(coef_ptr + 1) * o
+    else:
+        p = tl.load(d_ptr, mask=mask, other=0.0)
+    # Register outputs as one (R_PAD, BLOCK) tile: each source is loaded once and added as a rank-1 update.
+    ridx = tl.arange(0, R_PAD)
+    rrow = m_ptr + (2 + ridx) * C
+    rlive = ridx < R
+    acc = tl.load(m_ptr + C + 0) * x + tl.load(m_ptr + C + 1) * p
+    if MIX_STORE:
+        sacc = tl.load(m_ptr + 0) * x + tl.load(m_ptr + 1) * p
+    if WRITE_REGS != 0:
+        racc = tl.load(rrow + 0, mask=rlive, other=0.0)[:, None] * x[None, :] \
+            + tl.load(rrow + 1, mask=rlive, other=0.0)[:, None] * p[None, :]
     if HAS_Z:
         z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        acc += tl.load(xc + 2) * z
-        if WRITE_S:
-            sacc += tl.load(sc + 2) * z
+        acc += tl.load(m_ptr + C + 2) * z
+        if MIX_STORE:
+            sacc += tl.load(m_ptr + 2) * z
+        if WRITE_REGS != 0:
+            racc += tl.load(rrow + 2, mask=rlive, other=0.0)[:, None] * z[None, :]
+    for r in tl.static_range(R):
+        if (READ_REGS >> r) & 1:
+            v = tl.load(reg_ptr + r * n64 + offs, mask=mask, other=0.0)
+            acc += tl.load(m_ptr + C + 3 + r) * v
+            if MIX_STORE:
+                sacc += tl.load(m_ptr + 3 + r) * v
+            if WRITE_REGS != 0:
+                racc += tl.load(rrow + 3 + r, mask=rlive, other=0.0)[:, None] * v[None, :]
     for k in tl.static_range(K):
         live = ((used >> k) & 1) != 0
-        # D's slot comes from registers; an unused slot is not loaded (masked lanes move no memory).
-        h = tl.load(h_ptr + k * n64 + offs, mask=mask & live & (slot != k), other=0.0)
-        h = tl.where(live & (slot == k), d, h)
-        acc += tl.load(xc + 3 + k) * h
-        if WRITE_S:
-            sacc += tl.load(sc + 3 + k) * h
+        h = tl.load(h_ptr + k * n64 + offs, mask=mask & live, other=0.0)
+        acc += tl.load(m_ptr + C + 3 + R + k) * h
+        if MIX_STORE:
+            sacc += tl.load(m_ptr + 3 + R + k) * h
+        if WRITE_REGS != 0:
+            racc += tl.load(rrow + 3 + R + k, mask=rlive, other=0.0)[:, None] * h[None, :]
+    if MIX_STORE:
+        tl.store(d_ptr, sacc, mask=mask)
+    elif COMPUTE_P:
+        tl.store(d_ptr, p, mask=mask)
     tl.store(xn_ptr + offs, acc.to(xn_ptr.dtype.element_ty), mask=mask)
-    if WRITE_S:
-        tl.store(sn_ptr + offs, sacc, mask=mask)
+    for r in tl.static_range(R):
+        if (WRITE_REGS >> r) & 1:
+            value = tl.sum(tl.where(ridx[:, None] == r, racc, 0.0), axis=0)
+            tl.store(reg_ptr + r * n64 + offs, value, mask=mask)
+
+
+def init_state(registers: int, like: torch.Tensor) -> torch.Tensor | None:
+    """The register buffer: (R, *shape) fp32 on ``like``'s device (None without registers)."""
+    if registers == 0:
+        return None
+    return torch.zeros((registers, *like.shape), dtype=torch.float32, device=like.device)
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -122,69 +144,64 @@ def _check_like(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
         raise ValueError(f"`{name}` is {tuple(t.shape)} on {t.device}; expected {tuple(x.shape)} on {x.device}")
 
 
-def apply_row_triton(row: Row, x: torch.Tensor, out: torch.Tensor, history: torch.Tensor,
-                     saved: torch.Tensor | None, noise: torch.Tensor | None, prediction_written: bool = False,
-                     coef: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Same contract as ``apply_row_torch``: returns (X_next, S_new).
+def _check_buffer(name: str, t: torch.Tensor, count: int, x: torch.Tensor) -> None:
+    if t.shape != (count, *x.shape) or t.device != x.device or t.dtype != torch.float32:
+        raise ValueError(f"`{name}` is {tuple(t.shape)} {t.dtype} on {t.device}; expected ({count}, "
+                         f"{', '.join(map(str, x.shape))}) float32 on {x.device}")
+    if not t.is_contiguous():
+        raise ValueError(f"`{name}` must be contiguous (it is written in place)")
 
-    ``coef``: ``row.packed`` as a float32 tensor on x's device (the scheduler's pre-uploaded table row).
-    S_new is a fresh fp32 tensor on rows that save (never an alias of ``x``), ``saved`` itself otherwise.
+
+def apply_row_triton(row: RowView, x: torch.Tensor, out: torch.Tensor, history: torch.Tensor,
+                     state: torch.Tensor | None, noise: torch.Tensor | None, prediction_written: bool = False,
+                     coef: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Same contract as ``apply_row_torch`` with a register buffer as the state: returns (X_next, state).
+
+    ``coef``: ``row.packed`` as a float32 tensor on x's device (the scheduler's pre-uploaded table row); without
+    it the row is copied to the device on every call.
     """
-    k = history.shape[0]
-    if x.dtype == torch.float64 or history.dtype != torch.float32 or k > MAX_SLOTS:
-        return apply_row_torch(row, x, out, history, saved, noise, prediction_written)
     if x.device.type != "cuda" and not _INTERPRET:
         raise RuntimeError("apply_row_triton needs CUDA tensors (for CPU tensors, TRITON_INTERPRET=1 must be set "
                            "before triton is first imported)")
+    if x.dtype == torch.float64:
+        raise ValueError("apply_row_triton computes in fp32; float64 samples take the torch path")
+    k, r = row.slots, row.registers
+    if k > MAX_SLOTS or r > MAX_REGISTERS:
+        raise ValueError(f"the fused kernel handles up to {MAX_SLOTS} slots and {MAX_REGISTERS} registers "
+                         f"(row has {k} and {r}); use the torch path")
     _check_like("out", out, x)
-    if history.shape[1:] != x.shape or history.device != x.device:
-        raise ValueError(f"`history` is {tuple(history.shape)} on {history.device}; expected (K, "
-                         f"{', '.join(map(str, x.shape))}) on {x.device}")
-    if not history.is_contiguous():
-        raise ValueError("`history` must be contiguous (it is written in place)")
-    if not 0 <= row.write_slot < k:
-        raise ValueError(f"row writes slot {row.write_slot} but history has {k} slots")
-    if len(row.packed) != 3 + 2 * (3 + k):
-        raise ValueError(f"row has {(len(row.packed) - 9) // 2} slots but history has {k}")
-    terms = row.x_terms + (row.s_terms or ())
-    has_s = any(j == SRC_S for j, _ in terms)
-    has_z = any(j == SRC_Z for j, _ in terms)
-    if has_s and saved is None:
-        raise ValueError("the row reads the saved state S but `saved` is None")
-    if has_z and noise is None:
-        raise ValueError("the row reads noise Z but `noise` is None")
-    for name, t in (("saved", saved if has_s else None), ("noise", noise if has_z else None)):
-        if t is not None:
-            _check_like(name, t, x)
-    used_slots = 0
-    for j, _ in terms:
-        if j >= SRC_SLOTS:
-            used_slots |= 1 << (j - SRC_SLOTS)
-    write_s = row.s_terms is not None
+    _check_buffer("history", history, k, x)
+    if r:
+        if state is None:
+            raise ValueError(f"the row has {r} registers but `state` is None (see init_state)")
+        _check_buffer("state", state, r, x)
+    if row.uses_noise:
+        if noise is None:
+            raise ValueError("the row reads noise Z but `noise` is None")
+        _check_like("noise", noise, x)
     if coef is None:
-        # A host→device copy of ~20 floats on every call; schedulers upload their table once and pass a row.
         coef = torch.tensor(row.packed, dtype=torch.float32, device=x.device)
     elif coef.dtype != torch.float32 or coef.device != x.device or coef.numel() != len(row.packed) \
             or not coef.is_contiguous():
         raise ValueError(f"`coef` must be a contiguous float32 tensor of {len(row.packed)} elements on {x.device}")
 
-    xc, oc = _flat(x), _flat(out)
-    sc = _flat(saved) if has_s else xc  # placeholders are never dereferenced (constexpr flags off)
-    zc = _flat(noise) if has_z else xc
+    xc = _flat(x)
+    oc = _flat(out) if not prediction_written else xc  # placeholders are never dereferenced (flags off)
+    zc = _flat(noise) if row.uses_noise else xc
+    regs = state if r else history
     x_next = torch.empty_like(xc, memory_format=torch.contiguous_format)
-    s_new = torch.empty(xc.shape, dtype=torch.float32, device=xc.device) if write_s else x_next
     n = xc.numel()
     if n:
         def grid(meta):
             return (triton.cdiv(n, meta["BLOCK"]),)
 
-        # Launch on x's GPU, not on the current device.
         guard = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
-        with guard:
-            _plan_row_kernel[grid](xc, oc, sc, zc, history, coef, x_next, s_new, n, row.write_slot, used_slots,
-                                   K=k, HAS_S=has_s, HAS_Z=has_z, WRITE_S=write_s,
-                                   WRITE_D=not prediction_written)
-    return x_next, (s_new if write_s else saved)
+        with guard:  # launch on x's GPU, not on the current device
+            _plan_row_kernel[grid](xc, oc, zc, regs, history, coef, x_next, n, row.write_slot, row.kernel_slots,
+                                   R=r, R_PAD=triton.next_power_of_2(max(r, 1)), K=k, HAS_Z=row.uses_noise,
+                                   COMPUTE_P=not prediction_written, MIX_STORE=row.mixes_store,
+                                   READ_REGS=row.kernel_registers, WRITE_REGS=row.writes_registers)
+    return x_next, state
 
 
-__all__ = ["apply_row_triton", "MAX_SLOTS"]
+__all__ = ["apply_row_triton", "init_state", "MAX_SLOTS", "MAX_REGISTERS"]

@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from fastsampler.samplers.plan import Nodes, Rule
+from fastsampler.samplers.rules import Combo, Nodes, Rule, multistep_order
 
 SOLVER_TYPES = ("logrho", "rhoab", "tab")
 
@@ -74,23 +74,18 @@ class DEIS:
     knots: np.ndarray | None = field(default=None, compare=False)  # ρ where t(ρ) has kinks
 
     data_form = False
-    stochastic = False
+    registers = ()
 
     @property
     def history(self) -> int:
         return self.order
 
+    @property
+    def order_of_accuracy(self) -> int:
+        return self.order
+
     def step_order(self, i: int, available: int, nodes: Nodes) -> int:
-        n = nodes.num_steps
-        p = min(self.order, available + 1)
-        if i == n - 1 and ((self.lower_order_final and n < 15) or nodes.rho[-1] == 0.0):
-            p = 1
-        if i == n - 2 and self.lower_order_final and n < 15:
-            p = min(p, 2)
-        rho = nodes.sigma / nodes.alpha
-        while p > 1 and np.any(np.diff(rho[i - p + 1:i + 1]) >= 0):
-            p -= 1  # repeated nodes: the Lagrange basis is undefined
-        return p
+        return multistep_order(self.order, i, available, nodes, self.lower_order_final, 15)
 
     def coefficients(self, rho_s: np.ndarray, rho_t: float) -> np.ndarray:
         """C_j for nodes ρ_s[0] (current), ρ_s[1], … (earlier), integrating from ρ_s[0] to ρ_t."""
@@ -116,4 +111,4 @@ class DEIS:
         rho = nodes.sigma / nodes.alpha  # VE sigma for VP and flow alike
         c = self.coefficients(rho[[i - k for k in range(p)]], float(rho[i + 1]))
         a_t = float(nodes.alpha[i + 1])
-        return Rule(x=a_t / float(nodes.alpha[i]), d=tuple(a_t * c))
+        return Rule(Combo(x=a_t / float(nodes.alpha[i]), d=tuple(a_t * c)))

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 
 _INV_FACTORIAL = [1.0 / math.factorial(n) for n in range(40)]
 
@@ -31,7 +29,3 @@ def phi(k: int, z: float) -> float:
         value = (value - 1.0 / math.factorial(j)) / z
     return value
 
-
-def phis(z: float, n: int) -> np.ndarray:
-    """[φ_1(z), …, φ_n(z)]."""
-    return np.array([phi(k, z) for k in range(1, n + 1)])

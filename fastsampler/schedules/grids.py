@@ -116,6 +116,18 @@ def _beta_sigmas(rho_min: float, rho_max: float, n: int, a: float = 0.6, b: floa
     return rho_min + scipy.stats.beta.ppf(1.0 - np.linspace(0.0, 1.0, n), a, b) * (rho_max - rho_min)
 
 
+def _sigma_spacing(spec: GridSpec, lo: float, hi: float, n: int) -> np.ndarray:
+    """n decreasing noise levels from ``hi`` to ``lo``: Karras (ρ = ``karras_rho``), exponential or beta."""
+    if lo >= hi:
+        raise ValueError(f"the grid's smallest noise level ({lo:g}, `sigma_min`) must be below its largest "
+                         f"({hi:g}, `sigma_max`)")
+    if spec.use_karras_sigmas:
+        return _karras(lo, hi, n, spec.karras_rho)
+    if spec.use_exponential_sigmas:
+        return np.exp(np.linspace(math.log(hi), math.log(lo), n))
+    return _beta_sigmas(lo, hi, n)
+
+
 def _spaced_timesteps(spec: GridSpec, n: int, last_timestep: int, num_train_timesteps: int) -> np.ndarray:
     """diffusers' linspace / leading / trailing integer grids (note leading's T // (N + 1))."""
     if spec.timestep_spacing == "leading":
@@ -140,6 +152,113 @@ def _check_custom(values: Sequence[float], name: str, lo: float, hi: float) -> n
     return arr
 
 
+@dataclass(frozen=True)
+class _VP:
+    """A VP schedule as the grid functions need it: ρ at model time t, t at ρ, the grid's ρ range."""
+
+    schedule: DiscreteVP | ContinuousVP
+    spec: GridSpec
+
+    @property
+    def discrete(self) -> bool:
+        return isinstance(self.schedule, DiscreteVP)
+
+    @property
+    def T(self) -> int:
+        return self.schedule.num_train_timesteps if self.discrete else 1000
+
+    def rho_of_t(self, t: np.ndarray) -> np.ndarray:
+        return self.schedule.rho_at(t) if self.discrete else self.schedule.rho_at(np.asarray(t) / self.T)
+
+    def t_of_rho(self, rho: np.ndarray) -> np.ndarray:
+        return self.schedule.t_from_rho(rho) if self.discrete else self.schedule.t_from_rho(rho) * self.T
+
+    @property
+    def rho_range(self) -> tuple[float, float]:
+        """(ρ_min, ρ_max): the training ends, or ``sigma_min`` / ``sigma_max``."""
+        sched, spec = self.schedule, self.spec
+        lo, hi = (sched.rhos[0], sched.rhos[-1]) if self.discrete else (sched.rho_at(sched.t_min),
+                                                                          sched.rho_at(sched.t_max))
+        return (spec.sigma_min if spec.sigma_min is not None else float(lo),
+                spec.sigma_max if spec.sigma_max is not None else float(hi))
+
+    def at_timesteps(self, ts: np.ndarray) -> Grid:
+        if self.discrete:
+            ts = np.round(ts).astype(np.int64)
+        rhos = self.rho_of_t(ts)
+        return Grid(ts, np.append(rhos, _final(self.spec, self.schedule, rhos)), False)
+
+    def at_sigmas(self, rhos: np.ndarray, round_timesteps: bool, final: float | None = None) -> Grid:
+        ts = self.t_of_rho(rhos)
+        if self.discrete:
+            # diffusers rounds Karras / Lu / custom-sigma timesteps, truncates exponential / beta ones
+            ts = (np.round(ts) if round_timesteps else ts).astype(np.int64)
+        return Grid(ts, np.append(rhos, final if final is not None else _final(self.spec, self.schedule, rhos)),
+                    False)
+
+
+def _vp_sigma_spaced(vp: _VP, n: int) -> Grid:
+    """Karras / exponential / beta spacing of ρ between the grid's ends."""
+    lo, hi = vp.rho_range
+    return vp.at_sigmas(_sigma_spacing(vp.spec, lo, hi, n), vp.spec.use_karras_sigmas and vp.spec.round_timesteps)
+
+
+def _vp_lu_lambdas(vp: _VP, n: int) -> Grid:
+    """diffusers' "Lu lambdas": uniform in log ρ (= −λ) between the ends, n nodes."""
+    lo, hi = vp.rho_range
+    return vp.at_sigmas(np.exp(np.linspace(math.log(hi), math.log(lo), n)), vp.spec.round_timesteps)
+
+
+def _vp_uniform_lambda(vp: _VP, n: int) -> Grid:
+    """Uniform in λ from ρ_max down to ρ_min, the final level not a node."""
+    lo, hi = vp.rho_range
+    return vp.at_sigmas(np.exp(np.linspace(math.log(hi), math.log(lo), n + 1))[:-1], False)
+
+
+def _vp_time_quadratic(vp: _VP, n: int) -> Grid:
+    """DDIM / DPM-Solver "time_quadratic": t_i = (√t_max + i/N (√t_min − √t_max))²."""
+    sched = vp.schedule
+    t_hi, t_lo = ((vp.T - 1), 0.0) if vp.discrete else (sched.t_max * vp.T, sched.t_min * vp.T)
+    return vp.at_timesteps(np.linspace(math.sqrt(t_hi), math.sqrt(t_lo), n + 1)[:-1] ** 2)
+
+
+def _vp_spaced(vp: _VP, n: int) -> Grid:
+    """linspace / leading / trailing timesteps (discrete), linspace in t (continuous)."""
+    spec, sched = vp.spec, vp.schedule
+    if not vp.discrete:
+        if spec.timestep_spacing != "linspace":
+            raise ValueError(f"`timestep_spacing={spec.timestep_spacing!r}` is defined for discrete timesteps; "
+                             "continuous VP schedules support 'linspace', 'uniform_lambda', 'time_quadratic' and the "
+                             "sigma spacings")
+        return vp.at_timesteps(np.linspace(sched.t_max, sched.t_min, n + 1)[:-1] * vp.T)
+    last = vp.T
+    if spec.lambda_min_clipped > -math.inf:
+        lam = -np.log(sched.rhos)  # decreasing in t
+        last = vp.T - int(np.searchsorted(lam[::-1], spec.lambda_min_clipped))
+        if last < 1:
+            raise ValueError(f"`lambda_min_clipped` ({spec.lambda_min_clipped:g}) clips every timestep; it must be "
+                             f"below the schedule's largest λ ({lam[0]:.3g})")
+    ts = _spaced_timesteps(spec, n, last, vp.T)
+    if ts.max() > vp.T - 1:
+        raise ValueError(f"`steps_offset` ({spec.steps_offset}) pushes timesteps up to {ts.max()}, past the last "
+                         f"training timestep {vp.T - 1}")
+    return vp.at_timesteps(ts)
+
+
+def _vp_kind(spec: GridSpec) -> str:
+    if spec.use_karras_sigmas or spec.use_exponential_sigmas or spec.use_beta_sigmas:
+        return "sigma_spaced"
+    if spec.use_lu_lambdas:
+        return "lu_lambdas"
+    if spec.timestep_spacing in ("uniform_lambda", "time_quadratic"):
+        return spec.timestep_spacing
+    return "spaced"
+
+
+_VP_GRIDS = {"sigma_spaced": _vp_sigma_spaced, "lu_lambdas": _vp_lu_lambdas, "uniform_lambda": _vp_uniform_lambda,
+             "time_quadratic": _vp_time_quadratic, "spaced": _vp_spaced}
+
+
 def vp_grid(
     schedule: DiscreteVP | ContinuousVP,
     spec: GridSpec,
@@ -148,84 +267,21 @@ def vp_grid(
     sigmas: Sequence[float] | None = None,
 ) -> Grid:
     """A grid for a VP model. Exactly one of ``num_inference_steps``, ``timesteps``, ``sigmas``."""
-    discrete = isinstance(schedule, DiscreteVP)
-    T = schedule.num_train_timesteps if discrete else 1000
-    if discrete:
-        rho_all = schedule.rhos
-        rho_lo, rho_hi = rho_all[0], rho_all[-1]
-        t_of_rho = schedule.t_from_rho
-    else:
-        rho_lo, rho_hi = schedule.rho_at(schedule.t_min), schedule.rho_at(schedule.t_max)
-        t_of_rho = lambda r: schedule.t_from_rho(r) * T  # noqa: E731  (model time is t·T)
-    rho_lo = spec.sigma_min if spec.sigma_min is not None else rho_lo
-    rho_hi = spec.sigma_max if spec.sigma_max is not None else rho_hi
-
-    def rho_of_t(t: np.ndarray) -> np.ndarray:
-        return schedule.rho_at(t) if discrete else schedule.rho_at(np.asarray(t) / T)
-
+    vp = _VP(schedule, spec)
     if timesteps is not None:
-        ts = _check_custom(timesteps, "timesteps", 0, T - 1 if discrete else T)
-        if discrete:
-            if np.any(ts != np.round(ts)):
-                raise ValueError("`timesteps` must be integers for a discrete-time model")
-            ts = ts.astype(np.int64)
-        rhos = rho_of_t(ts)
-    elif sigmas is not None:
-        rhos_in = _check_custom(sigmas, "sigmas", 0.0, math.inf)
+        ts = _check_custom(timesteps, "timesteps", 0, vp.T - 1 if vp.discrete else vp.T)
+        if vp.discrete and np.any(ts != np.round(ts)):
+            raise ValueError("`timesteps` must be integers for a discrete-time model")
+        return vp.at_timesteps(ts)
+    if sigmas is not None:
+        rhos = _check_custom(sigmas, "sigmas", 0.0, math.inf)
         final = None
-        if rhos_in[-1] == 0.0:
-            rhos_in, final = rhos_in[:-1], 0.0
-        if len(rhos_in) == 0:
+        if rhos[-1] == 0.0:
+            rhos, final = rhos[:-1], 0.0
+        if len(rhos) == 0:
             raise ValueError("`sigmas` needs at least one positive entry")
-        rhos = rhos_in
-        ts = t_of_rho(rhos)
-        if discrete:
-            ts = np.round(ts).astype(np.int64)
-        return Grid(ts, np.append(rhos, final if final is not None else _final(spec, schedule, rhos)), False)
-    else:
-        n = num_inference_steps
-        if spec.use_karras_sigmas:
-            rhos = _karras(rho_lo, rho_hi, n, spec.karras_rho)
-        elif spec.use_exponential_sigmas:
-            rhos = np.exp(np.linspace(math.log(rho_hi), math.log(rho_lo), n))
-        elif spec.use_beta_sigmas:
-            rhos = _beta_sigmas(rho_lo, rho_hi, n)
-        elif spec.use_lu_lambdas:
-            # diffusers' "Lu lambdas": uniform in log ρ (= −λ) between the training ends.
-            rhos = np.exp(np.linspace(math.log(rho_hi), math.log(rho_lo), n))
-        elif spec.timestep_spacing == "uniform_lambda":
-            rhos = np.exp(np.linspace(math.log(rho_hi), math.log(rho_lo), n + 1))[:-1]
-        elif spec.timestep_spacing == "time_quadratic":
-            # DDIM / DPM-Solver "time_quadratic": t_i = (√t_max + i/N (√t_min − √t_max))²
-            t_hi = (T - 1) if discrete else schedule.t_max * T
-            t_lo = 0.0 if discrete else schedule.t_min * T
-            ts = np.linspace(math.sqrt(t_hi), math.sqrt(t_lo), n + 1)[:-1] ** 2
-            if discrete:
-                ts = np.round(ts).astype(np.int64)
-            rhos = rho_of_t(ts)
-            return Grid(ts, np.append(rhos, _final(spec, schedule, rhos)), False)
-        else:
-            if not discrete:
-                if spec.timestep_spacing != "linspace":
-                    raise ValueError(f"`timestep_spacing={spec.timestep_spacing!r}` is defined for discrete "
-                                     "timesteps; continuous VP schedules support 'linspace', 'uniform_lambda', "
-                                     "'time_quadratic' and the sigma spacings")
-                ts = np.linspace(schedule.t_max, schedule.t_min, n + 1)[:-1] * T
-                rhos = rho_of_t(ts)
-                return Grid(ts, np.append(rhos, _final(spec, schedule, rhos)), False)
-            last = T
-            if spec.lambda_min_clipped > -math.inf:
-                lam = -np.log(rho_all)  # decreasing in t
-                last = T - int(np.searchsorted(lam[::-1], spec.lambda_min_clipped))
-            ts = _spaced_timesteps(spec, n, last, T)
-            rhos = rho_of_t(ts)
-            return Grid(ts, np.append(rhos, _final(spec, schedule, rhos)), False)
-        ts = t_of_rho(rhos)
-        if discrete and (spec.use_karras_sigmas or spec.use_lu_lambdas) and spec.round_timesteps:
-            ts = np.round(ts)
-        if discrete:
-            ts = ts.astype(np.int64)  # diffusers truncates the exponential / beta timesteps
-    return Grid(ts, np.append(rhos, _final(spec, schedule, rhos)), False)
+        return vp.at_sigmas(rhos, True, final)
+    return _VP_GRIDS[_vp_kind(spec)](vp, num_inference_steps)
 
 
 def _final(spec: GridSpec, schedule: DiscreteVP | ContinuousVP, rhos: np.ndarray) -> float:
@@ -267,16 +323,11 @@ def flow_grid(
     else:
         n = num_inference_steps
         if spec.use_karras_sigmas or spec.use_exponential_sigmas or spec.use_beta_sigmas:
-            # Build the spacing in VE-sigma space ρ = s/(1 − s), then map back s = ρ/(1 + ρ).
-            lo = spec.sigma_min if spec.sigma_min is not None else 1.0 / T / (1 - 1.0 / T)
-            hi = spec.sigma_max if spec.sigma_max is not None else (1 - 1.0 / T) / (1.0 / T)
-            if spec.use_karras_sigmas:
-                rho = _karras(lo, hi, n, spec.karras_rho)
-            elif spec.use_exponential_sigmas:
-                rho = np.exp(np.linspace(math.log(hi), math.log(lo), n))
-            else:
-                rho = _beta_sigmas(lo, hi, n)
-            s = rho / (1.0 + rho)
+            # As FlowMatchEulerDiscreteScheduler: shift (static or dynamic μ) first, then respace the flow noise
+            # level s between the shifted ends (sigma_min / sigma_max override them, in s).
+            lo = spec.sigma_min if spec.sigma_min is not None else float(shift(np.array([1.0 / T]))[0])
+            hi = spec.sigma_max if spec.sigma_max is not None else 1.0
+            s = _sigma_spacing(spec, lo, hi, n)
         elif spec.timestep_spacing == "uniform_lambda":
             lam = np.linspace(math.log(1.0 / (T - 1)), math.log(T - 1), n + 1)[:-1]
             s = shift(1.0 / (1.0 + np.exp(lam)))
@@ -302,6 +353,3 @@ def flow_grid(
         final = 0.0 if spec.final_sigmas_type == "zero" else float(s[-1])
     return Grid(s * T, np.append(s, final), True)
 
-
-def sigmas_to_alpha_sigma(rhos: np.ndarray, flow: bool) -> tuple[np.ndarray, np.ndarray]:
-    return alpha_sigma_from_rho(rhos, flow)
