@@ -34,6 +34,7 @@ from fastsampler.kernels.dispatch import get_kernel, kernel_choice, resolve_kern
 from fastsampler.kernels.traced import apply_dense
 from fastsampler.plans.format import Plan
 from fastsampler.samplers.rules import Nodes, Transform, compile_plan
+from fastsampler.samplers.transforms import apply_plugins
 from fastsampler.schedules.grids import Grid, GridSpec, flow_grid, vp_grid
 from fastsampler.schedules.noise import ContinuousVP, DiscreteVP
 
@@ -132,6 +133,19 @@ class PlanScheduler(SchedulerMixin, ConfigMixin):
         variance_type: str | None = None,
         kernel: str = "auto",
         check_finite: bool = True,
+        dc_ratios: list[float] | None = None,
+        dc_order: int = 2,
+        momentum: str | None = None,
+        momentum_beta: float | None = None,
+        momentum_order: int | None = None,
+        time_shift: bool = False,
+        time_shift_window: int | None = None,
+        time_shift_cutoff: int | None = None,
+        epsilon_scaling: float | list[float] | None = None,
+        dualfast: bool = False,
+        dualfast_scale: float | None = None,
+        dualfast_reference: str = "previous",
+        dualfast_space: str | None = None,
     ):
         self._validate_config()
         # Resolved values, so that the saved config loads in diffusers' own schedulers too.
@@ -236,9 +250,10 @@ class PlanScheduler(SchedulerMixin, ConfigMixin):
     def _build_solver(self, nodes: Nodes):
         raise NotImplementedError
 
-    def _build_transforms(self) -> tuple[Transform, ...]:
-        """Plan transforms switched on by this scheduler's options, in their documented order."""
-        return ()
+    def _build_parts(self, nodes: Nodes) -> tuple[Any, tuple[Transform, ...]]:
+        """The plan builder and the transforms this scheduler's options switch on (in their documented order;
+        ``fastsampler.samplers.transforms``)."""
+        return apply_plugins(self.config, self._build_solver(nodes))
 
     # Noise schedule at model timesteps --------------------------------------------------------------------
     def _schedule_kind(self) -> str:
@@ -353,8 +368,8 @@ class PlanScheduler(SchedulerMixin, ConfigMixin):
             if mu is not None:
                 meta["mu"] = mu
             try:
-                plan = compile_plan(self._build_solver(nodes), nodes, self.config.prediction_type,
-                                    self._build_transforms(), meta)
+                builder, transforms = self._build_parts(nodes)
+                plan = compile_plan(builder, nodes, self.config.prediction_type, transforms, meta)
             except FloatingPointError as exc:
                 raise ValueError(f"{type(self).__name__}: {exc}; {self._bound_hint()}") from None
             self._check_bounds(plan)

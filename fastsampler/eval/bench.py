@@ -18,6 +18,7 @@ calls for N steps, so an even target NFE gets one call less, and the actual coun
 from __future__ import annotations
 
 import fnmatch
+import importlib
 import json
 import math
 import time
@@ -28,6 +29,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from fastsampler.eval import gmm, metrics
+from fastsampler.eval.spec import parse_scheduler
 from fastsampler.eval.reference import ReferenceSolution, Tolerance, reference_solution
 
 DEFAULT_NFES = (4, 5, 6, 8, 10, 15, 20)
@@ -92,8 +94,34 @@ class SolverSpec:
 
         import fastsampler
 
-        module = fastsampler if self.family == "fastsampler" else diffusers
-        return getattr(module, self.scheduler).from_config({**config, **self.options})
+        if "." in self.scheduler:  # a dotted path from --scheduler
+            module_name, _, cls_name = self.scheduler.rpartition(".")
+            cls = getattr(importlib.import_module(module_name), cls_name)
+        else:
+            cls = getattr(fastsampler if self.family == "fastsampler" else diffusers, self.scheduler)
+        return cls.from_config(config, **self.options)
+
+
+def custom_spec(text: str) -> SolverSpec:
+    """A solver from the command line: ``NAME[:key=value,…]`` (``fastsampler.eval.spec``), e.g.
+    ``UniPCScheduler:momentum=hb,momentum_beta=0.8``; ours when fastsampler has the class, else diffusers'."""
+    import diffusers
+
+    import fastsampler
+
+    name, options = parse_scheduler(text)
+    short = name.removeprefix("fastsampler.")
+    if hasattr(fastsampler, short) and "." not in short:
+        family, cls_name = "fastsampler", short
+    elif hasattr(diffusers, name):
+        family, cls_name = "diffusers", name
+    elif "." in name:
+        family, cls_name = ("fastsampler" if name.startswith("fastsampler.") else "custom"), name
+    else:
+        raise ValueError(f"unknown scheduler {name!r}: not in fastsampler or diffusers, and not a dotted path")
+    label = ("fs" if family == "fastsampler" else family) + "/" + short.rsplit(".", 1)[-1] + (
+        ":" + ",".join(f"{k}={v}" for k, v in options.items()) if options else "")
+    return SolverSpec(label, family, cls_name, options)
 
 
 def _fastsampler_specs() -> list[SolverSpec]:

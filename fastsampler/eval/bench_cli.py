@@ -33,6 +33,9 @@ def _parse_nfes(ctx: click.Context, param: click.Parameter, value: str) -> list[
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial noise.")
 @click.option("--solvers", default="*", show_default=True,
               help="Comma-separated solver names or globs, e.g. 'fs/*,diffusers/dpmpp-*'.")
+@click.option("--scheduler", "extra", multiple=True, metavar="NAME[:key=value,...]",
+              help="An extra solver with any options, e.g. 'UniPCScheduler:momentum=hb,momentum_beta=0.8' "
+                   "(repeatable; benchmarked next to --solvers).")
 @click.option("--nfe", "nfes", default=",".join(map(str, bench_lib.DEFAULT_NFES)), show_default=True,
               callback=_parse_nfes, help="Comma-separated NFE values.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="./bench_out", show_default=True)
@@ -42,7 +45,8 @@ def _parse_nfes(ctx: click.Context, param: click.Parameter, value: str) -> list[
 @click.option("--list-solvers", is_flag=True, help="List the solver names and exit.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def bench(preset: str, prediction_type: str | None, guidance_scale: float | None, batch_size: int, seed: int,
-          solvers: str, nfes: list[int], out_dir: str, threads: int, list_solvers: bool, no_progress: bool) -> None:
+          solvers: str, extra: tuple[str, ...], nfes: list[int], out_dir: str, threads: int, list_solvers: bool,
+          no_progress: bool) -> None:
     """RMSE vs the exact ODE solution, per solver and NFE, on the digits Gaussian mixture.
 
     Writes results.csv, results.json, table.txt and error_vs_nfe.png to --out. The reference solution is
@@ -51,7 +55,8 @@ def bench(preset: str, prediction_type: str | None, guidance_scale: float | None
     try:
         setup = bench_lib.BenchSetup(preset, prediction_type, guidance_scale, batch_size, seed)
         config = setup.config
-        specs = bench_lib.select_solvers(solvers, config)
+        specs = bench_lib.select_solvers(solvers, config) if solvers else []
+        specs += [bench_lib.custom_spec(text) for text in extra]
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     if list_solvers:

@@ -21,32 +21,23 @@ from typing import Sequence
 import click
 import torch
 
+from fastsampler.eval import spec
 from fastsampler.eval.fid import DIGITS_REFERENCES, RunResult, RunSpec, distributed_context, run_sweep
 
 
-def parse_value(text: str):
-    """``"3"`` → 3, ``"false"`` → False, ``"0.5"`` → 0.5, ``"[1,2]"`` → [1, 2]; anything else stays a string."""
+def parse_scheduler(text: str) -> tuple[str, dict]:
+    """``"Name:k=v,k2=v2"`` → ``("Name", {"k": v, "k2": v2})`` (``fastsampler.eval.spec``), as a click error."""
     try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
+        return spec.parse_scheduler(text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def parse_kwargs(items: Sequence[str]) -> dict:
-    """``["a=1", "b=x"]`` → ``{"a": 1, "b": "x"}``."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"expected key=value, got {item!r}")
-        out[key.strip()] = parse_value(value.strip())
-    return out
-
-
-def parse_scheduler(text: str) -> tuple[str, dict]:
-    """``"Name:k=v,k2=v2"`` → ``("Name", {"k": v, "k2": v2})``."""
-    name, _, rest = text.partition(":")
-    return name.strip(), parse_kwargs([p for p in rest.split(",") if p.strip()])
+    try:
+        return spec.parse_kwargs(items)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def parse_steps(values: Sequence[str]) -> list[int]:
