@@ -1,9 +1,21 @@
 """fastsampler: fast, training-free ODE samplers for diffusion models as drop-in diffusers schedulers."""
 
-from fastsampler.adapters.presets import DEISScheduler, DPMSolverPlusPlusScheduler, UniPCScheduler
+from fastsampler.adapters.presets import DCSolverScheduler, DEISScheduler, DPMSolverPlusPlusScheduler, UniPCScheduler
+from fastsampler.adapters.s3 import S3Scheduler
 from fastsampler.adapters.scheduler import NonFiniteModelOutputError, PlanScheduler
 from fastsampler.plans.format import Plan
+# Registers the embedded class-conditional digits pipeline with diffusers, so that
+# DiffusionPipeline.from_pretrained(folder) finds it once fastsampler is imported.
+import fastsampler.eval.cond_pipeline  # noqa: E402,F401  isort: skip
 
-__all__ = ["DPMSolverPlusPlusScheduler", "DEISScheduler", "UniPCScheduler", "PlanScheduler", "Plan",
-           "NonFiniteModelOutputError"]
+
+def tune(scheduler, model, noise, num_inference_steps, method: str = "dc", **options):
+    """Fit ``scheduler`` to ``model`` (``fastsampler.tuning.api.tune``; imported on first use)."""
+    from fastsampler.tuning.api import tune as _tune
+
+    return _tune(scheduler, model, noise, num_inference_steps, method, **options)
+
+
+__all__ = ["DPMSolverPlusPlusScheduler", "DEISScheduler", "UniPCScheduler", "DCSolverScheduler", "PlanScheduler",
+           "Plan", "NonFiniteModelOutputError", "tune", "S3Scheduler"]
 __version__ = "0.1.0"

@@ -15,12 +15,11 @@ def _register() -> None:
     from fastsampler.eval import bench_cli  # noqa: F401  (registers `bench`)
 
     main.add_command(bench_cli.bench)
-    try:
-        from fastsampler.eval import fid_cli
+    from fastsampler.eval import fid_cli
+    from fastsampler.tuning import cli as tune_cli
 
-        main.add_command(fid_cli.fid)
-    except ImportError:  # fid_cli not written yet / optional deps missing
-        pass
+    main.add_command(fid_cli.fid)
+    main.add_command(tune_cli.tune)
 
 
 _register()

@@ -107,33 +107,45 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str, cache: str) -> None:
+def _worker(rank: int, world: int, port: int, out_dir: str, cache: str, specs: list[RunSpec] = SPECS,
+            pipeline: str | None = None) -> None:
     faulthandler.dump_traceback_later(240, exit=True)  # a collective that never completes fails, not hangs
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     ctx = fidmod.distributed_context()
     try:
-        rows = run_sweep(SPECS, N, out_dir, cache_dir=cache, progress=False, ctx=ctx)
+        rows = run_sweep(specs, N, out_dir, pipeline, cache_dir=cache, progress=False, ctx=ctx)
         if ctx.is_main:
             Path(out_dir, "rows.json").write_text(json.dumps([r.__dict__ for r in rows]))
     finally:
         torch.distributed.destroy_process_group()
 
 
-@pytest.mark.slow
-def test_two_processes_equal_one_process(tmp_path, ref_cache):
+def _assert_two_processes_equal_one(tmp_path: Path, ref_cache: Path, specs: list[RunSpec],
+                                    pipeline: str | None = None) -> list[dict[str, str]]:
+    """Run ``specs`` with 2 gloo processes and with 1; the FIDs and every shard's bytes and metadata must agree.
+    Returns the metadata of every shard of the one-process run, run by run, in shard order."""
     two, one = tmp_path / "two", tmp_path / "one"
-    torch.multiprocessing.spawn(_worker, args=(2, _free_port(), str(two), str(ref_cache)), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_worker, args=(2, _free_port(), str(two), str(ref_cache), specs, pipeline), nprocs=2,
+                                join=True)
     rows_two = json.loads((two / "rows.json").read_text())
-    rows_one = run_sweep(SPECS, N, one, cache_dir=ref_cache, progress=False, ctx=DistContext())
+    rows_one = run_sweep(specs, N, one, pipeline, cache_dir=ref_cache, progress=False, ctx=DistContext())
     assert [r["fid"] for r in rows_two] == [r.fid for r in rows_one]
+    metas = []
     for row in rows_one:
         run_dir = Path(row.run_dir)
         for i in range(3):
-            a = fidmod.read_shard(shard_path(run_dir, i))[0]
-            b = fidmod.read_shard(shard_path(two / run_dir.name, i))[0]
-            assert torch.equal(a, b), (row.scheduler, i)
-    assert [r["shards_generated"] for r in rows_two] == [3, 3]
+            a, meta_a = fidmod.read_shard(shard_path(run_dir, i))
+            b, meta_b = fidmod.read_shard(shard_path(two / run_dir.name, i))
+            assert torch.equal(a, b) and meta_a == meta_b, (row.scheduler, i)
+            metas.append(meta_a)
+    assert [r["shards_generated"] for r in rows_two] == [3] * len(specs)
+    return metas
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process(tmp_path, ref_cache):
+    _assert_two_processes_equal_one(tmp_path, ref_cache, SPECS)
 
 
 def test_interrupted_run_resumes_only_missing_shards(tmp_path, ref_cache):
@@ -305,3 +317,178 @@ def test_corrupt_reference_stats_cache_is_recomputed(tmp_path, damage):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         fidmod.reference_stats(extractor, "digits-test", tmp_path / "damaged")
+
+
+# --------------------------------------------------------------------------------------------------
+# Guided (class-conditional) and text-to-image runs
+# --------------------------------------------------------------------------------------------------
+
+GUIDED = [RunSpec("DDIMScheduler", 2, {"timestep_spacing": "trailing"}, seed=0, shard_size=SHARD, guidance_scale=w)
+          for w in (1.5, 4.0)]
+
+
+@pytest.fixture(scope="module")
+def cond_source():
+    from fastsampler.eval.conditions import SampleSource, conditioning_for
+
+    pipe = fidmod.load_pipeline("digits-cond")
+    pipe.set_progress_bar_config(disable=True)
+    return SampleSource(pipe, conditioning_for(pipe))
+
+
+def _shard_noise(spec: RunSpec, index: int, count: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """The initial noise of shard ``index`` as ``generate_shards`` draws it."""
+    gen = torch.Generator().manual_seed(fidmod.shard_seed(spec.seed, index))
+    return torch.randn((spec.shard_size, *shape), generator=gen)[:count]
+
+
+def _labels(run_dir: Path) -> list[int]:
+    """The class labels the shards of a run recorded, in sample order."""
+    return [label for path in sorted(run_dir.glob("shard_*.safetensors"))
+            for label in json.loads(fidmod.read_shard(path)[1]["class_labels"])]
+
+
+def test_guided_labels_are_class_balanced_whatever_the_shard_size(tmp_path, cond_source):
+    config = dict(cond_source.pipe.scheduler.config)
+    for shard_size in (8, 5, 30):
+        spec = RunSpec("DDIMScheduler", 1, {"timestep_spacing": "trailing"}, shard_size=shard_size, guidance_scale=2)
+        fidmod.generate_shards(cond_source, config, spec, 25, tmp_path / str(shard_size), progress=False)
+        assert _labels(tmp_path / str(shard_size)) == [j % 10 for j in range(25)], shard_size
+    meta = fidmod.read_shard(shard_path(tmp_path / "8", 1))[1]
+    assert (meta["conditioning"], meta["guidance_scale"], meta["class_labels"]) == (
+        "class-balanced", "2.0", "[8, 9, 0, 1, 2, 3, 4, 5]")
+
+
+@pytest.mark.parametrize("guidance", [None, 1.0, 3.0])
+def test_guided_shards_equal_the_conditional_pipeline(tmp_path, cond_source, guidance):
+    """Guidance 1 (and no guidance scale) is the conditional model alone; any w is DigitsConditionalPipeline's."""
+    from diffusers import DDIMScheduler
+
+    pipe = cond_source.pipe
+    spec = RunSpec("DDIMScheduler", 3, {"timestep_spacing": "trailing"}, seed=4, shard_size=6, guidance_scale=guidance)
+    fidmod.generate_shards(cond_source, dict(pipe.scheduler.config), spec, 10, tmp_path, progress=False)
+    images, meta = fidmod.read_shard(shard_path(tmp_path, 1))
+    stock = type(pipe)(unet=pipe.unet, scheduler=DDIMScheduler.from_config(pipe.scheduler.config,
+                                                                           timestep_spacing="trailing"))
+    stock.set_progress_bar_config(disable=True)
+    expected = stock(torch.arange(6, 10) % 10, guidance_scale=1.0 if guidance is None else guidance,
+                     num_inference_steps=3, latents=_shard_noise(spec, 1, 4, (1, 16, 16))).images
+    assert torch.equal(images, fidmod.to_uint8(expected))
+    assert meta["guidance_scale"] == repr(1.0 if guidance is None else guidance)
+
+
+def test_changing_the_guidance_scale_regenerates_shards(tmp_path, cond_source):
+    config = dict(cond_source.pipe.scheduler.config)
+    low, high = GUIDED
+    assert low.key("pipe") != high.key("pipe") and "_w1.5_" in low.key("pipe")
+    fidmod.generate_shards(cond_source, config, low, 10, tmp_path, progress=False)
+    before = fidmod.read_shard(shard_path(tmp_path, 0))[0].clone()
+    with pytest.warns(RuntimeWarning, match="metadata differs: guidance_scale: stored '1.5', expected '4.0'"):
+        report = fidmod.generate_shards(cond_source, config, high, 10, tmp_path, progress=False)
+    assert report.generated == [0, 1] and not torch.equal(before, fidmod.read_shard(shard_path(tmp_path, 0))[0])
+    expected = fidmod.shard_metadata(high, resolve_scheduler(high.scheduler, config, high.scheduler_kwargs), 0, 8,
+                                     (1, 16, 16))  # what an unconditional run would record
+    assert "conditioning: stored 'class-balanced', this run records none" in fidmod.shard_mismatch(
+        shard_path(tmp_path, 0), expected)
+
+
+def test_guidance_options_must_fit_the_pipeline(tmp_path, ref_cache):
+    from click.testing import CliRunner
+
+    from fastsampler.eval.fid_cli import fid
+
+    common = ["-n", "4", "--steps", "1", "--out", str(tmp_path), "--cache-dir", str(ref_cache), "--no-progress"]
+    cases = {("--guidance-scale", "2"): "--guidance-scale 2.0: the pipeline is unconditional",
+             ("--pipeline", "digits-cond", "--prompts", __file__): "--prompts: DigitsConditionalPipeline is not",
+             ("--pipeline", "digits-cond", "--negative-prompt", "x"): "--negative-prompt: DigitsConditionalPipeline",
+             ("--pipeline", "no/such/dir"): "--pipeline no/such/dir: neither one of digits, digits-v, digits-cond",
+             ("--pipeline", "digits-cond", "--guidance-scale", "x"): "--guidance-scale: could not convert"}
+    for args, message in cases.items():
+        result = CliRunner().invoke(fid, [*args, *common])
+        assert result.exit_code != 0 and message in result.output, (args, result.output)
+    assert not list(tmp_path.glob("*/shard_*"))  # nothing was sampled
+
+
+@pytest.mark.slow
+def test_guided_two_processes_equal_one_process(tmp_path, ref_cache):
+    metas = _assert_two_processes_equal_one(tmp_path, ref_cache, GUIDED, "digits-cond")
+    labels = [label for meta in metas[:3] for label in json.loads(meta["class_labels"])]
+    assert labels == [j % 10 for j in range(N)]
+    assert [meta["guidance_scale"] for meta in metas] == ["1.5"] * 3 + ["4.0"] * 3
+
+
+def test_cli_guided_sweep_reports_the_seed_spread(tmp_path, ref_cache):
+    from click.testing import CliRunner
+
+    from fastsampler.eval.fid_cli import fid
+
+    result = CliRunner().invoke(fid, ["--pipeline", "digits-cond", "--guidance-scale", "1.5,4", "--seed", "0,1",
+                                      "--steps", "2", "-n", "16", "--shard-size", "8", "--out", str(tmp_path),
+                                      "--cache-dir", str(ref_cache), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads((tmp_path / "fid_results.json").read_text())
+    assert [(r["guidance_scale"], r["seed"]) for r in payload["results"]] == [(1.5, 0), (1.5, 1), (4.0, 0), (4.0, 1)]
+    assert payload["meta"]["pipeline"] == "digits-cond" and payload["meta"]["seeds"] == [0, 1]
+    for cell, pair in zip(payload["spread"], (payload["results"][:2], payload["results"][2:])):
+        fids = [r["fid"] for r in pair]
+        assert cell["fids"] == fids and cell["seeds"] == [0, 1]
+        assert cell["mean"] == pytest.approx(sum(fids) / 2)
+        assert cell["std"] == pytest.approx(abs(fids[0] - fids[1]) / 2 ** 0.5)
+        assert (cell["min"], cell["max"]) == (min(fids), max(fids))
+    assert "seed-to-seed spread" in result.output and "DDIMScheduler (w=4)" in result.output
+
+
+def _prompts_file(tmp_path: Path) -> tuple[Path, tuple[str, ...]]:
+    prompts = ("a red digit", "a blue cat", "noise")
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join([prompts[0], "", *prompts[1:]]) + "\n")  # a blank line is skipped
+    return path, prompts
+
+
+def test_text_to_image_shards_follow_the_prompts_and_match_the_stock_pipeline(tmp_path):
+    from diffusers import DDIMScheduler
+    from tiny_pipelines import tiny_sd_pipeline
+
+    from fastsampler.eval.conditions import SampleSource, conditioning_for, read_prompts
+
+    pipe = tiny_sd_pipeline()
+    path, prompts = _prompts_file(tmp_path)
+    source = SampleSource(pipe, conditioning_for(pipe, read_prompts(path), "blurry"))
+    spec = RunSpec("DDIMScheduler", 3, {"timestep_spacing": "trailing"}, seed=1, shard_size=2, guidance_scale=2.5)
+    fidmod.generate_shards(source, dict(pipe.scheduler.config), spec, 5, tmp_path / "run", progress=False)
+    images, meta = fidmod.read_shard(shard_path(tmp_path / "run", 1))
+    assert images.shape == (2, 3, 16, 16)  # decoded by the VAE (8x8 latents, scale factor 2)
+    assert meta["conditioning"] == "prompts" and meta["guidance_scale"] == "2.5"
+    assert meta["negative_prompt"] == "blurry" and meta["prompts_sha256"] == source.conditioning.prompts_sha256
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    expected = pipe([prompts[2], prompts[0]], negative_prompt=["blurry"] * 2, guidance_scale=2.5,  # samples 2, 3
+                    num_inference_steps=3, latents=_shard_noise(spec, 1, 2, (4, 8, 8)), output_type="pt").images
+    assert torch.equal(images, fidmod.to_uint8(expected * 2 - 1))
+    other = SampleSource(pipe, conditioning_for(pipe, prompts[:2], "blurry"))
+    with pytest.warns(RuntimeWarning, match="prompts_sha256: stored"):
+        fidmod.generate_shards(other, dict(pipe.scheduler.config), spec, 5, tmp_path / "run", progress=False)
+
+
+def test_cli_text_to_image_run_from_a_local_folder(tmp_path, ref_cache):
+    """The whole `fastsampler fid` path on a saved tiny SD pipeline with a prompts file (scored with the digits CNN,
+    which takes any image size and channel count: the number is meaningless, the path is what is tested)."""
+    from click.testing import CliRunner
+    from tiny_pipelines import tiny_sd_pipeline
+
+    from fastsampler.eval.fid_cli import fid
+
+    tiny_sd_pipeline().save_pretrained(tmp_path / "sd")
+    path, prompts = _prompts_file(tmp_path)
+    common = ["--pipeline", str(tmp_path / "sd"), "--steps", "2", "-n", "5", "--shard-size", "2", "--out",
+              str(tmp_path / "out"), "--cache-dir", str(ref_cache), "--no-progress"]
+    missing = CliRunner().invoke(fid, common)
+    assert missing.exit_code != 0 and "--prompts FILE is required" in missing.output
+    result = CliRunner().invoke(fid, [*common, "--prompts", str(path), "--negative-prompt", "blurry",
+                                      "--guidance-scale", "3", "--features", "digits"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads((tmp_path / "out" / "fid_results.json").read_text())
+    assert payload["meta"]["prompts"]["count"] == 3 and payload["meta"]["negative_prompt"] == "blurry"
+    (row,) = payload["results"]
+    assert row["guidance_scale"] == 3.0 and row["shards_generated"] == 3
+    run = json.loads((Path(row["run_dir"]) / "run.json").read_text())
+    assert (run["conditioning"], run["num_prompts"], run["negative_prompt"]) == ("prompts", 3, "blurry")

@@ -7,7 +7,7 @@ import numpy as np
 # model_index.json (this one), so it must be importable from here.
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401
 
-from fastsampler.adapters.scheduler import PlanScheduler
+from fastsampler.adapters.scheduler import PlanScheduler, logger
 from fastsampler.schedules.noise import DiscreteVP
 from fastsampler.samplers.deis import DEIS
 from fastsampler.samplers.dpmsolver import DPMSolverMultistep, DPMSolverSinglestep
@@ -74,6 +74,27 @@ class UniPCScheduler(PlanScheduler):
             return super()._bound_hint()
         return ("predict_x0=False is UniPC's noise-prediction form, which divides by α (tiny at the first node of "
                 "a flow grid or a zero-SNR schedule); use predict_x0=True")
+
+
+class DCSolverScheduler(UniPCScheduler):
+    """DC-Solver (Zhao, Wang, Zhou & Lu, ECCV 2024, arXiv 2409.03755): UniPC with dynamic compensation.
+
+    The same scheduler as ``UniPCScheduler``; its compensation ratios come from ``dc_ratios`` (one per step), a
+    ratio file (``dc_ratios_file``) or a cascade-polynomial-regression file (``dc_cpr_file`` with
+    ``dc_guidance_scale``), or from ``fastsampler.tune(scheduler, model, noise, steps, method="dc")``, which fits
+    them to your model and installs the tuned plans (kept by ``save_pretrained``). Without any of these it runs
+    plain UniPC, and says so once.
+    """
+
+    def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None, sigmas=None, mu=None) -> None:
+        super().set_timesteps(num_inference_steps, device, timesteps, sigmas, mu)
+        c = self.config
+        tuned = num_inference_steps in self._plans
+        if not tuned and not (c.dc_ratios or c.dc_ratios_file or c.dc_cpr_file) and not getattr(self, "_warned", False):
+            self._warned = True
+            logger.warning("DCSolverScheduler has no compensation ratios for %s steps (no dc_ratios, ratio file, "
+                           "CPR file or tuned plan): it runs plain UniPC. Fit ratios with fastsampler.tune(..., "
+                           "method='dc').", self.num_inference_steps)
 
 
 class DEISScheduler(PlanScheduler):

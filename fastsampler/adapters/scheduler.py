@@ -31,10 +31,11 @@ from fastsampler.adapters.finite import DeferredFlag
 from fastsampler.adapters.plan_store import check_plan, load_plans, save_plans, schedule_fingerprint
 from fastsampler.adapters.thresholding import threshold_x0
 from fastsampler.kernels.dispatch import get_kernel, kernel_choice, resolve_kernel
+from fastsampler.kernels.time_shift import DeviceCandidates, apply_dense_rows, sample_variance
 from fastsampler.kernels.traced import apply_dense
 from fastsampler.plans.format import Plan
 from fastsampler.samplers.rules import Nodes, Transform, compile_plan
-from fastsampler.samplers.transforms import apply_plugins
+from fastsampler.samplers.transforms import apply_plugins, time_shift
 from fastsampler.schedules.grids import Grid, GridSpec, flow_grid, vp_grid
 from fastsampler.schedules.noise import ContinuousVP, DiscreteVP
 
@@ -135,12 +136,17 @@ class PlanScheduler(SchedulerMixin, ConfigMixin):
         check_finite: bool = True,
         dc_ratios: list[float] | None = None,
         dc_order: int = 2,
+        dc_ratios_file: str | None = None,
+        dc_cpr_file: str | None = None,
+        dc_guidance_scale: float | None = None,
         momentum: str | None = None,
         momentum_beta: float | None = None,
         momentum_order: int | None = None,
         time_shift: bool = False,
         time_shift_window: int | None = None,
         time_shift_cutoff: int | None = None,
+        time_shift_mode: str = "input",
+        time_shift_data_variance: float = 0.0,
         epsilon_scaling: float | list[float] | None = None,
         dualfast: bool = False,
         dualfast_scale: float | None = None,
@@ -224,6 +230,7 @@ class PlanScheduler(SchedulerMixin, ConfigMixin):
                              f"{base[bad[0]]!r}")
         self._grid_spec().validate()
         kernel_choice(c.kernel)
+        time_shift.options_from_config(c)
 
     def _make_noise_schedule(self) -> DiscreteVP | ContinuousVP | None:
         c = self.config
@@ -253,7 +260,7 @@ class PlanScheduler(SchedulerMixin, ConfigMixin):
     def _build_parts(self, nodes: Nodes) -> tuple[Any, tuple[Transform, ...]]:
         """The plan builder and the transforms this scheduler's options switch on (in their documented order;
         ``fastsampler.samplers.transforms``)."""
-        return apply_plugins(self.config, self._build_solver(nodes))
+        return apply_plugins(self.config, self._build_solver(nodes), nodes)
 
     # Noise schedule at model timesteps --------------------------------------------------------------------
     def _schedule_kind(self) -> str:
@@ -271,6 +278,25 @@ class PlanScheduler(SchedulerMixin, ConfigMixin):
         rho = sched.rho_at(t) if isinstance(sched, DiscreteVP) else sched.rho_at(t / 1000.0)
         alpha = 1.0 / np.sqrt(1.0 + rho**2)
         return alpha, rho * alpha
+
+    def model_timesteps(self, rho: np.ndarray) -> np.ndarray:
+        """The model time of noise levels ρ (VP: σ/α; flow: s), inverse of the schedule (float64, fractional
+        for discrete models: a teacher or a tuned grid may sit between training timesteps)."""
+        rho = np.asarray(rho, dtype=np.float64)
+        if self.config.use_flow_sigmas:
+            return rho * self.config.num_train_timesteps
+        sched = self._noise_schedule
+        return sched.t_from_rho(rho) if isinstance(sched, DiscreteVP) else sched.t_from_rho(rho) * 1000.0
+
+    def training_rho_range(self) -> tuple[float, float]:
+        """(smallest, largest) noise level ρ the model was trained on."""
+        c = self.config
+        if c.use_flow_sigmas:
+            return 1.0 / c.num_train_timesteps, 1.0
+        sched = self._noise_schedule
+        if isinstance(sched, DiscreteVP):
+            return float(sched.rhos[0]), float(sched.rhos[-1])
+        return float(sched.rho_at(sched.t_min)), float(sched.rho_at(sched.t_max))
 
     def _fingerprint(self, timesteps: np.ndarray) -> dict[str, Any]:
         return schedule_fingerprint(self._schedule_kind(), self.config.num_train_timesteps,
@@ -300,6 +326,8 @@ class PlanScheduler(SchedulerMixin, ConfigMixin):
         self._kernel = None
         self._device_table: torch.Tensor | None = None
         self._buffer_key: tuple | None = None
+        self._ts_device: DeviceCandidates | None = None
+        self._shift_variance: torch.Tensor | None = None  # Time-Shift: per-sample variances for the next step
         self._thresholding = bool(self.config.thresholding)
         self._check = bool(self.config.check_finite)
         # DDPM's fixed_* variances only matter to ancestral sampling; learned ones add output channels to drop.
@@ -407,12 +435,16 @@ class PlanScheduler(SchedulerMixin, ConfigMixin):
         self._timesteps_np = np.array(plan.timesteps, dtype=np.float64)
         self.sigmas = torch.from_numpy(plan.rho.astype(np.float32))  # stays on CPU, as in diffusers
         self.num_inference_steps = plan.num_steps
+        self._time_shift = self._time_shift_rows(plan)
         self._reset_state()
         if device is not None:
             dev = torch.device(device)
-            if resolve_kernel(self.config.kernel, dev, torch.float32, plan.slots, plan.num_registers) == "triton":
+            fused = resolve_kernel(self.config.kernel, dev, torch.float32, plan.slots, plan.num_registers) == "triton"
+            if fused:
                 self._table_on(dev)
             self._dense_on(dev, torch.float32)
+            if self._time_shift is not None:
+                self._time_shift_on(dev, torch.float32, fused)
 
     def _dense_on(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """``Plan.dense`` on ``device`` (for traced steps) as a (W·N, L) table — one flat index keeps the step
@@ -577,7 +609,10 @@ class PlanScheduler(SchedulerMixin, ConfigMixin):
         if self._thresholding:
             self._write_thresholded(slot, i, sample, model_output, history)
             written = True
-        if traced:  # one graph for every steady-state step: the row is a tensor indexed by the step
+        choice = self._time_shift_choice(timestep, i, sample, traced) if self._time_shift is not None else None
+        if choice is not None:
+            prev_sample = self._time_shift_update(choice, level, i, slot, sample, model_output, noise, written, traced)
+        elif traced:  # one graph for every steady-state step: the row is a tensor indexed by the step
             flat = (self._levels - 1 if self._taken >= self._levels - 1 else self._taken) * self.num_inference_steps + i
             prev_sample, self._state = apply_dense(self._dense_table[flat], slot, sample, model_output, history,
                                                    self._state, noise, written)
@@ -587,6 +622,8 @@ class PlanScheduler(SchedulerMixin, ConfigMixin):
         else:
             prev_sample, self._state = self._kernel.apply(row, sample, model_output, history, self._state, noise,
                                                           written)
+        if self._time_shift is not None and self._time_shift.options.mode == "input":
+            self._time_shift_next(i, prev_sample, traced)
         if self._check:
             self._check_finite(history[slot], sample, model_output, i)
         self._step_index = i + 1
@@ -619,6 +656,8 @@ class PlanScheduler(SchedulerMixin, ConfigMixin):
         self._state = self._kernel.init_state(plan.num_registers, self._history[0])
         self._device_table = self._table_on(sample.device) if self._kernel.uses_device_table else None
         self._dense_table = self._dense_on(sample.device, dtype)
+        if self._time_shift is not None:
+            self._ts_device = self._time_shift_on(sample.device, dtype, self._kernel.uses_device_table)
         if self._thresholding:
             self._threshold_table = torch.tensor([[*self._x0_maps[i], *self._p_from_x0[i]]
                                                   for i in range(plan.num_steps)], dtype=dtype, device=sample.device)
@@ -670,6 +709,124 @@ class PlanScheduler(SchedulerMixin, ConfigMixin):
         """Wait for the accelerator's pending finiteness checks of this run and raise if one failed (on the CPU
         every step checks at once)."""
         self._raise_pending_nonfinite()
+
+    # Time-Shift (fastsampler.samplers.transforms.time_shift) ------------------------------------------
+    def _time_shift_rows(self, plan: Plan) -> time_shift.CandidateRows | None:
+        """The candidate rows of ``plan`` (None when Time-Shift is off), compiled with this scheduler's builder and
+        transforms, cached. A plan these options did not build (``set_plan``, a tuned folder) is refused."""
+        options = time_shift.options_from_config(self.config)
+        if options is None:
+            return None
+        grid = Grid(plan.timesteps, plan.rho, plan.flow)
+        installed = any(p is plan for p in self._plans.values())
+        if installed and self._compiled_plan(grid, plan.meta.get("mu")).fingerprint() != plan.fingerprint():
+            raise ValueError(f"{type(self).__name__}: `time_shift=True` compiles its candidate rows from the scheduler's "
+                             f"options, but the plan installed for {plan.num_steps} steps (set_plan or a tuned scheduler "
+                             "folder) was built otherwise; remove_plan() it or set time_shift=False")
+        time_shift.warn_if_state_is_resumed(plan)
+        key = ("time_shift", plan.fingerprint(), repr(sorted((k, v) for k, v in self.config.items() if k[0] != "_")))
+        rows = _PLAN_CACHE.get(key)
+        if rows is None:
+            nodes = Nodes.from_grid(grid)
+            rows = time_shift.candidate_rows(plan, nodes, *self._build_parts(nodes), self.config.prediction_type,
+                                             *self._time_shift_schedule(), options)
+            _PLAN_CACHE.put(key, rows)
+        return rows
+
+    def _time_shift_schedule(self) -> tuple[Any, tuple[float, float]]:
+        """(λ at model times, the model's training time range) for the candidate times."""
+        c, sched = self.config, self._noise_schedule
+
+        def lambda_at(t: np.ndarray) -> np.ndarray:
+            a, s = self._alpha_sigma_at(t)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                return np.log(a) - np.log(s)
+
+        if c.use_flow_sigmas or isinstance(sched, DiscreteVP):
+            return lambda_at, (0.0, float(c.num_train_timesteps - (0 if c.use_flow_sigmas else 1)))
+        return lambda_at, (sched.t_min * 1000.0, sched.t_max * 1000.0)
+
+    def _time_shift_on(self, device: torch.device, dtype: torch.dtype, fused: bool) -> DeviceCandidates:
+        """The candidate tables on ``device`` (``fused``: with the fused kernel's packed rows), uploaded once per plan,
+        device and dtype."""
+        key = ("time_shift", device, dtype, fused)
+        table = self._device_tables.get(key)
+        if table is None:
+            rows = self._time_shift
+            table = DeviceCandidates.upload(rows.dense, rows.packed if fused else None, rows.times, rows.variance,
+                                            device, dtype, self.timesteps.dtype)
+            self._device_tables[key] = table
+        return table
+
+    def _time_shift_choice(self, timestep: Any, i: int, sample: torch.Tensor, traced: bool) -> int | torch.Tensor | None:
+        """The candidate row of step i, or None for the plan's own row. Input mode: the candidate whose time the model
+        was given, i.e. ``timestep`` as the caller passed it (a pipeline's entry of ``timesteps``, or one per sample);
+        target mode: per sample, the target nearest the sample's variance (not on a run's first step). Eager steps
+        take the plan's own row where a row cannot shift; traced steps gather on every row (one graph)."""
+        rows = self._time_shift
+        if not traced and not rows.shiftable[i]:
+            return None
+        if rows.options.mode == "target":
+            return None if self._taken == 0 else self._ts_device.nearest(sample_variance(sample), i)
+        if isinstance(timestep, torch.Tensor) and timestep.numel() == 1 and timestep.device.type == "cpu" \
+                and sample.device.type != "cpu" and not traced:
+            timestep = timestep.item()  # `timesteps` kept in host memory (DDPMPipeline): reading it is no device sync
+        if not isinstance(timestep, torch.Tensor):
+            c = rows.index_of(float(timestep), i)
+            return None if c == rows.center else c
+        if timestep.numel() not in (1, sample.shape[0]):
+            raise ValueError(f"`timestep` must be one value or one per sample ({sample.shape[0]}) with time_shift=True, "
+                             f"got shape {tuple(timestep.shape)}")
+        return self._ts_device.index_of(timestep, i)
+
+    def _time_shift_update(self, choice: int | torch.Tensor, level: int, i: int, slot: int, sample: torch.Tensor,
+                           model_output: torch.Tensor, noise: torch.Tensor | None, written: bool,
+                           traced: bool) -> torch.Tensor:
+        """The update with the chosen candidate row(s), gathered on the device: the fused kernel with its packed row
+        (one row for the batch, eager), else the dense form (``apply_dense_rows``: one row, or one per sample)."""
+        table, flat = self._ts_device, level * self.num_inference_steps + i
+
+        def row(rows: torch.Tensor) -> torch.Tensor:  # (W·N, C, L) → the chosen (L,) or (B, L)
+            return rows[flat, choice] if isinstance(choice, int) else rows[flat].index_select(0, choice).squeeze(0)
+
+        args = (sample, model_output, self._history, self._state, noise, written)
+        if self._device_table is not None and not traced and (isinstance(choice, int) or choice.numel() == 1):
+            prev_sample, self._state = self._kernel.apply(self._time_shift.kernel_rows[level][i], *args,
+                                                          coef=row(table.packed))
+        else:
+            prev_sample, self._state = apply_dense_rows(row(table.dense), slot, *args)
+        return prev_sample
+
+    def _time_shift_next(self, i: int, prev_sample: torch.Tensor, traced: bool) -> None:
+        """Input mode: the time of step i + 1 from the variance of the sample just computed, written into
+        ``self.timesteps[i + 1]`` — the tensor whose entries pipelines pass to the model — as the batch's time
+        (nearest the batch-mean variance), on the device; the per-sample variances are kept for
+        ``per_sample_timesteps``. (A ``timesteps`` tensor in host memory while sampling on an accelerator, as
+        DDPMPipeline has it, costs one copy to the host per step.)"""
+        j = i + 1
+        if j >= self.num_inference_steps or (not traced and not self._time_shift.shiftable[j]):
+            self._shift_variance = None
+            return
+        table, v = self._ts_device, sample_variance(prev_sample)
+        self.timesteps[j:j + 1].copy_(table.times_of(table.nearest(v.mean().reshape(1), j), j))
+        self._shift_variance = v
+
+    def per_sample_timesteps(self, batch_size: int) -> torch.Tensor:
+        """The model timesteps of the next ``step()``, one per sample, for loops that condition the model per sample
+        (pass the same tensor to the model and to ``step()``). With ``time_shift=True`` (input mode) each sample's
+        own time, chosen by the previous step from that sample's variance; otherwise, and on a run's first step, the
+        grid's timestep for every sample. Pipelines pass scalar entries of ``timesteps`` and get the batch's time."""
+        if self._plan is None:
+            raise RuntimeError(f"{type(self).__name__}: call `set_timesteps()` before `per_sample_timesteps()`")
+        i = self._step_index if self._step_index is not None else (self._begin_index or 0)
+        if i >= self.num_inference_steps:
+            raise IndexError(f"no step left: all {self.num_inference_steps} steps were taken")
+        v = self._shift_variance
+        if v is None:
+            return self.timesteps[i:i + 1].expand(batch_size)
+        if v.shape[0] != batch_size:
+            raise ValueError(f"`batch_size` is {batch_size}, but the last step() had {v.shape[0]} samples")
+        return self._ts_device.times_of(self._ts_device.nearest(v, i), i)
 
     # Forward process ----------------------------------------------------------------------------------
     def _timestep_array(self, timesteps: int | float | Sequence[float] | torch.Tensor) -> np.ndarray:

@@ -1,17 +1,26 @@
-"""FID of any diffusers-compatible scheduler on a local unconditional pipeline, sharded and resumable.
+"""FID of any diffusers-compatible scheduler on a local pipeline, sharded and resumable.
+
+Pipelines: unconditional (the embedded digits DDPM), class-conditional with classifier-free guidance (the embedded
+``digits-cond`` model; class-balanced labels ``j mod K``) and text-to-image (prompts ``j mod P`` from a file);
+``fastsampler.eval.conditions`` holds what a run is conditioned on and draws the denoiser of each shard from
+``fastsampler.tuning.model.from_pipeline``.
 
 The pieces, in the order a run uses them:
 
 * ``resolve_scheduler`` — a class name (``"DDIMScheduler"``: diffusers; ``"fastsampler.UniPCScheduler"``, or
   any ``"package.module.Class"``) → an instance built with ``from_config(pipeline_config, **overrides)``.
-* ``sample`` — a plain diffusers loop (``set_timesteps``; ``init_noise_sigma``; ``scale_model_input``; ``step``,
-  with ``generator=`` only where ``step`` accepts it), so every diffusers scheduler works. Counts the NFE.
+* ``sample`` / ``sample_latents`` — a plain diffusers loop (``set_timesteps``; ``init_noise_sigma``;
+  ``scale_model_input``; ``step``, with ``generator=`` only where ``step`` accepts it), so every diffusers scheduler
+  works, around a network or a guided denoiser ``model(x, t)``. Counts the NFE (a guided step, both halves in one
+  batch, is one).
 * ``generate_shards`` — samples in fixed-size shards with per-shard seeds (``shard_seed``), so the image set does
   not depend on the number of processes. Shard *i* goes to rank ``i % world_size``; each is written atomically
   (``shard_00003.safetensors``, uint8 NCHW) as soon as it is done, and existing shards are skipped, so an
   interrupted run resumes where it stopped. Each shard records the SHA-256 of its image bytes and everything
-  its images depend on (``shard_metadata``); on resume a shard is only reused when both still match, otherwise
-  it is regenerated with a ``RuntimeWarning`` naming the file and what differed.
+  its images depend on (``shard_metadata``: sampler, seeds, pipeline, and for conditional runs the guidance
+  scale, the class labels or a digest of the prompts, the negative prompt); on resume a shard is only reused when
+  both still match, otherwise it is regenerated with a ``RuntimeWarning`` naming the file and what differed.
+  Latent models' samples are decoded with the pipeline's VAE before they are stored.
 * ``FIDEvaluator`` — torchmetrics ``FrechetInceptionDistance`` with either the digits CNN extractor or
   InceptionV3 (only from a local weights file), reference statistics cached on disk (``reference_stats``),
   fake statistics from the shards in index order, so the number is identical for any world size. A cache file
@@ -43,76 +52,21 @@ import numpy as np
 import torch
 from torch import nn
 
+from fastsampler.eval.conditions import Conditioning, OptionError, SampleSource, conditioning_for
+from fastsampler.eval.distributed import DistContext, distributed_context, select_device  # noqa: F401
+
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 DIGITS_REFERENCES = ("digits-train", "digits-test", "digits-all")
 STATS_VERSION = 1  # bump when the way reference statistics are computed changes
 SHARD_FORMAT = "2"  # "1": no checksum / identity metadata (never reused)
 #: Shard metadata that must equal what the run would write for the shard to be reused (besides its checksum).
 #: The rest ("nfe", "device") is informational.
+#: What a conditional run records about its conditions (``conditions.Conditioning.metadata``). These are compared
+#: even when the run would not record them, so an unconditional run never reuses a guided shard or vice versa.
+CONDITION_KEYS = ("conditioning", "guidance_scale", "class_labels", "prompts_sha256", "negative_prompt")
 SHARD_IDENTITY_KEYS = ("format", "shard", "count", "shape", "dtype", "convention", "seed", "shard_seed",
-                       "shard_size", "scheduler", "scheduler_class", "scheduler_config", "steps", "pipeline")
-
-
-# --------------------------------------------------------------------------------------------------
-# Distributed context
-# --------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class DistContext:
-    """Rank, world size and node-local rank of this process (``world_size == 1``: no process group)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0  # index among the processes on this machine: the GPU it uses (torchrun's LOCAL_RANK)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            torch.distributed.barrier()
-
-    def broadcast(self, obj: Any) -> Any:
-        """``obj`` from rank 0 on every rank."""
-        if self.world_size == 1:
-            return obj
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
-
-
-def distributed_context() -> DistContext:
-    """Read ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` (set by torchrun) and initialise a gloo group when there is more
-    than one rank. Without ``LOCAL_RANK`` the local rank is the global rank (one machine)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistContext(local_rank=int(os.environ.get("LOCAL_RANK", "0")))
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    return DistContext(rank, dist.get_world_size(), int(os.environ.get("LOCAL_RANK", str(rank))))
-
-
-def select_device(device: str | torch.device, ctx: DistContext) -> str:
-    """The device this rank samples on.
-
-    ``"cuda"`` without an index becomes ``"cuda:<local rank>"`` (so torchrun's ranks each get their own GPU instead
-    of all landing on ``cuda:0``); a CUDA device is also made the current one (``torch.cuda.set_device``). Any
-    other device is returned unchanged.
-    """
-    dev = torch.device(device)
-    if dev.type != "cuda":
-        return str(device)
-    index = ctx.local_rank if dev.index is None else dev.index
-    visible = torch.cuda.device_count()
-    if index >= visible:
-        raise RuntimeError(f"device {device!r} on rank {ctx.rank} (LOCAL_RANK {ctx.local_rank}) needs cuda:{index}, "
-                           f"but only {visible} CUDA device(s) are visible")
-    torch.cuda.set_device(index)
-    return f"cuda:{index}"
+                       "shard_size", "scheduler", "scheduler_class", "scheduler_config", "steps", "pipeline",
+                       *CONDITION_KEYS)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -140,18 +94,31 @@ def accepts_generator(scheduler) -> bool:
 
 
 @torch.no_grad()
-def sample(unet: nn.Module, scheduler, num_steps: int, noise: torch.Tensor,
-           generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
-    """Run ``scheduler`` for ``num_steps`` from ``noise`` (unit variance); returns ``(x0 in [−1, 1], NFE)``."""
+def sample_latents(model: Callable, scheduler, num_steps: int, noise: torch.Tensor,
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
+    """Run ``scheduler`` for ``num_steps`` from ``noise`` (unit variance); returns ``(x0, NFE)``, x0 unclamped.
+
+    ``model(x, t)``: a diffusers network (its output's ``.sample`` is used) or a denoiser returning the tensor
+    (``fastsampler.tuning.model``). Schedulers without ``scale_model_input`` / ``init_noise_sigma`` (flow matching)
+    get the identity / 1.
+    """
     scheduler.set_timesteps(num_steps, device=noise.device)
-    x = noise * scheduler.init_noise_sigma
+    x = noise * getattr(scheduler, "init_noise_sigma", 1.0)
+    scale_input = getattr(scheduler, "scale_model_input", lambda x, t: x)
     step_kwargs = {"generator": generator} if accepts_generator(scheduler) else {}
     nfe = 0
     for t in scheduler.timesteps:
-        model_in = scheduler.scale_model_input(x, t)
-        out = unet(model_in, t).sample
+        out = model(scale_input(x, t), t)
+        out = out if isinstance(out, torch.Tensor) else out.sample
         nfe += 1
         x = scheduler.step(out, t, x, return_dict=False, **step_kwargs)[0]
+    return x, nfe
+
+
+def sample(model: Callable, scheduler, num_steps: int, noise: torch.Tensor,
+           generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
+    """``sample_latents`` of a pixel-space model; returns ``(x0 in [−1, 1], NFE)``."""
+    x, nfe = sample_latents(model, scheduler, num_steps, noise, generator)
     return x.clamp(-1.0, 1.0), nfe
 
 
@@ -166,19 +133,33 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One sampler configuration; together with the pipeline it determines every shard."""
+    """One sampler configuration; together with the pipeline and its conditioning it determines every shard.
+
+    ``guidance_scale``: classifier-free guidance for a conditional pipeline (``None``: unconditional pipelines; for
+    conditional ones the same as 1, the conditional model).
+    """
 
     scheduler: str
     steps: int
     scheduler_kwargs: dict = field(default_factory=dict)
     seed: int = 0
     shard_size: int = 250
+    guidance_scale: float | None = None
 
-    def key(self, pipeline_id: str) -> str:
-        """A short, filesystem-safe directory name that changes whenever the samples would."""
-        payload = json.dumps({**asdict(self), "pipeline": pipeline_id}, sort_keys=True, default=str)
+    def key(self, pipeline_id: str, conditioning: dict | None = None) -> str:
+        """A short, filesystem-safe directory name that changes whenever the samples would.
+
+        ``conditioning``: the run's ``Conditioning.identity()``. An unconditional spec (no guidance scale, no
+        conditioning) keeps the key it had before guidance existed, so earlier shards stay reusable.
+        """
+        fields = asdict(self)
+        if self.guidance_scale is None:
+            del fields["guidance_scale"]
+        payload = json.dumps({**fields, "pipeline": pipeline_id, **({"conditions": conditioning} if conditioning
+                                                                     else {})}, sort_keys=True, default=str)
         digest = hashlib.sha256(payload.encode()).hexdigest()[:10]
-        return f"{self.scheduler.rpartition('.')[2]}_s{self.steps}_{digest}"
+        guided = "" if self.guidance_scale is None else f"_w{float(self.guidance_scale):g}"
+        return f"{self.scheduler.rpartition('.')[2]}_s{self.steps}{guided}_{digest}"
 
 
 def shard_seed(seed: int, shard: int) -> int:
@@ -223,11 +204,12 @@ def scheduler_fingerprint(scheduler) -> str:
 
 
 def shard_metadata(spec: RunSpec, scheduler, index: int, count: int, image_shape: Sequence[int],
-                   pipeline: str | None = None) -> dict[str, str]:
+                   pipeline: str | None = None, conditions: dict[str, str] | None = None) -> dict[str, str]:
     """What shard ``index`` of ``spec`` must record for its images to be reused (``SHARD_IDENTITY_KEYS``).
 
     ``scheduler`` is a fresh instance of the run's scheduler (its config is recorded in full); ``image_shape`` is
-    (C, H, W); ``pipeline`` the pipeline's identity (``pipeline_id``), when known.
+    (C, H, W); ``pipeline`` the pipeline's identity (``pipeline_id``), when known; ``conditions`` what the shard's
+    samples are conditioned on (``Conditioning.metadata``: ``CONDITION_KEYS``), for conditional runs.
     """
     meta = {"format": SHARD_FORMAT, "shard": str(index), "count": str(count),
             "shape": json.dumps([count, *image_shape]), "dtype": str(torch.uint8), "convention": "uint8-round",
@@ -237,13 +219,15 @@ def shard_metadata(spec: RunSpec, scheduler, index: int, count: int, image_shape
             "steps": str(spec.steps)}
     if pipeline is not None:
         meta["pipeline"] = pipeline
-    return meta
+    return {**meta, **(conditions or {})}
 
 
-def _describe_difference(key: str, stored: str | None, expected: str) -> str:
+def _describe_difference(key: str, stored: str | None, expected: str | None) -> str:
     """One line on how metadata ``key`` differs (for a JSON config: the differing entries)."""
     if stored is None:
         return f"{key} missing (expected {expected!r})"
+    if expected is None:
+        return f"{key}: stored {stored!r}, this run records none"
     if key == "scheduler_config":
         try:
             old, new = json.loads(stored), json.loads(expected)
@@ -259,8 +243,8 @@ def shard_mismatch(path: Path, expected: dict[str, str]) -> str | None:
     """Why the shard file at ``path`` cannot be reused as a shard with metadata ``expected`` (None: it can).
 
     Checks that the file reads, that its image bytes hash to the recorded SHA-256, that every identity key of
-    ``expected`` (``SHARD_IDENTITY_KEYS``) was recorded with the same value, and that the tensor's shape and dtype
-    are the expected ones.
+    ``expected`` (``SHARD_IDENTITY_KEYS``) was recorded with the same value and no condition (``CONDITION_KEYS``)
+    was recorded that ``expected`` lacks, and that the tensor's shape and dtype are the expected ones.
     """
     try:
         images, stored = read_shard(path)
@@ -272,8 +256,9 @@ def shard_mismatch(path: Path, expected: dict[str, str]) -> str | None:
     if actual != stored["sha256"]:
         return (f"checksum mismatch: the image bytes hash to {actual[:16]}…, the file records "
                 f"{stored['sha256'][:16]}…")
-    differences = [_describe_difference(k, stored.get(k), expected[k])
-                   for k in SHARD_IDENTITY_KEYS if k in expected and stored.get(k) != expected[k]]
+    checked = [k for k in SHARD_IDENTITY_KEYS if k in expected or k in CONDITION_KEYS]
+    differences = [_describe_difference(k, stored.get(k), expected.get(k))
+                   for k in checked if stored.get(k) != expected.get(k)]
     if differences:
         return "metadata differs: " + "; ".join(differences)
     if json.dumps(list(images.shape)) != expected["shape"] or str(images.dtype) != expected["dtype"]:
@@ -294,16 +279,27 @@ def _reusable_shard(path: Path, expected: dict[str, str]) -> bool:
     return False
 
 
-def _atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Write a safetensors file atomically (temporary file in the same directory, then ``os.replace``)."""
-    from safetensors.torch import save_file
-
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` to a temporary file in ``path``'s directory, then ``os.replace`` it onto ``path``."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write a safetensors file atomically."""
+    from safetensors.torch import save_file
+
+    _atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                                              metadata=metadata))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a text file atomically."""
+    _atomic_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _write_shard(path: Path, images: torch.Tensor, metadata: dict[str, str]) -> None:
@@ -322,20 +318,21 @@ class GenerationReport:
     seconds: float = 0.0
 
 
-def generate_shards(unet: nn.Module, base_config: dict, spec: RunSpec, num_samples: int, run_dir: Path,
-                    ctx: DistContext = DistContext(), device: str | torch.device = "cpu",
+def generate_shards(model: nn.Module | SampleSource, base_config: dict, spec: RunSpec, num_samples: int,
+                    run_dir: Path, ctx: DistContext = DistContext(), device: str | torch.device = "cpu",
                     progress: bool = True, pipeline: str | None = None) -> GenerationReport:
     """Generate this rank's missing shards of ``spec`` into ``run_dir`` (shard i belongs to rank i % world).
 
-    An existing shard is reused only when its checksum and metadata (``shard_metadata``; ``pipeline``: the
-    pipeline's identity, recorded and checked when given) match; otherwise it is regenerated with a warning.
+    ``model``: an unconditional network (``UNet2DModel``), or a ``SampleSource`` (a pipeline with its conditioning:
+    class-balanced labels or prompts, guided with ``spec.guidance_scale``). An existing shard is reused only when its
+    checksum and metadata (``shard_metadata``; ``pipeline``: the pipeline's identity, recorded and checked when
+    given) match; otherwise it is regenerated with a warning.
     """
     from tqdm.auto import tqdm
 
+    source = SampleSource.wrap(model)
+    source.conditioning.check_guidance(spec.guidance_scale)
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg = unet.config
-    shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size) if isinstance(cfg.sample_size, int) \
-        else (cfg.in_channels, *cfg.sample_size)
     counts = shard_counts(num_samples, spec.shard_size)
     reference_scheduler = resolve_scheduler(spec.scheduler, base_config, spec.scheduler_kwargs)  # before any use
     mine = [i for i in range(len(counts)) if i % ctx.world_size == ctx.rank]
@@ -345,20 +342,33 @@ def generate_shards(unet: nn.Module, base_config: dict, spec: RunSpec, num_sampl
                disable=not (progress and ctx.is_main), leave=False)
     for i in bar:
         path = shard_path(run_dir, i)
-        expected = shard_metadata(spec, reference_scheduler, i, counts[i], shape, pipeline)
+        conditions = source.conditioning.metadata(spec.guidance_scale, i * spec.shard_size, counts[i])
+        expected = shard_metadata(spec, reference_scheduler, i, counts[i], source.image_shape, pipeline, conditions)
         if _reusable_shard(path, expected):
             report.skipped.append(i)
             continue
-        gen = torch.Generator(device="cpu").manual_seed(shard_seed(spec.seed, i))
-        noise = torch.randn((spec.shard_size, *shape), generator=gen)[:counts[i]].to(device)
-        step_gen = gen if str(device) == "cpu" else torch.Generator(device=device).manual_seed(shard_seed(spec.seed, i))
-        scheduler = resolve_scheduler(spec.scheduler, base_config, spec.scheduler_kwargs)
-        x, nfe = sample(unet, scheduler, spec.steps, noise, step_gen)
-        report.nfe = nfe
-        _write_shard(path, to_uint8(x).cpu(), {**expected, "nfe": str(nfe), "device": torch.device(device).type})
+        images, report.nfe = _sample_shard(source, base_config, spec, i, counts[i], device)
+        _write_shard(path, images, {**expected, "nfe": str(report.nfe), "device": torch.device(device).type})
         report.generated.append(i)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _sample_shard(source: SampleSource, base_config: dict, spec: RunSpec, index: int, count: int,
+                  device: str | torch.device) -> tuple[torch.Tensor, int]:
+    """The uint8 images (CPU) of shard ``index`` (``count`` samples) and the NFE it took.
+
+    The noise is the first ``count`` of ``shard_size`` draws from the shard's seed (CPU generator), so it does not
+    depend on the device or on how many samples the last shard holds.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(shard_seed(spec.seed, index))
+    dtype = getattr(source.network, "dtype", torch.float32)
+    noise = torch.randn((spec.shard_size, *source.noise_shape), generator=gen)[:count].to(device, dtype)
+    step_gen = gen if str(device) == "cpu" else torch.Generator(device=device).manual_seed(shard_seed(spec.seed, index))
+    scheduler = resolve_scheduler(spec.scheduler, base_config, spec.scheduler_kwargs)
+    denoiser = source.denoiser(spec.guidance_scale, index * spec.shard_size, count)
+    x, nfe = sample_latents(denoiser, scheduler, spec.steps, noise, step_gen)
+    return to_uint8(source.decode(x)).cpu(), nfe
 
 
 def iter_shards(run_dir: Path, num_samples: int, shard_size: int) -> Iterator[torch.Tensor]:
@@ -384,27 +394,56 @@ def shard_nfe(run_dir: Path) -> int | None:
 # Pipelines and references
 # --------------------------------------------------------------------------------------------------
 
-def load_pipeline(path: str | Path | None):
-    """A local diffusers pipeline with ``unet`` and ``scheduler`` (``None``: the embedded digits DDPM), in eval mode."""
-    if path is None:
-        from fastsampler.eval.digits import load_digits_pipeline
+#: Pipelines shipped with the package, by the name ``--pipeline`` takes: the digits DDPM (ε; the default), its
+#: v-prediction twin, and the class-conditional digits model (classifier-free guidance).
+EMBEDDED_PIPELINES = ("digits", "digits-v", "digits-cond")
 
-        pipe = load_digits_pipeline("eps")
+
+def embedded_pipeline_dir(name: str) -> Path:
+    """The asset folder of an embedded pipeline (``EMBEDDED_PIPELINES``)."""
+    from fastsampler.eval import digits
+
+    if name == "digits-cond":
+        return digits.assets_dir() / digits.COND_PIPELINE_DIR
+    return digits.pipeline_dir("v" if name == "digits-v" else "eps")
+
+
+def _load_embedded(name: str):
+    from fastsampler.eval import digits
+
+    if name == "digits-cond":
+        return digits.load_digits_cond_pipeline()
+    return digits.load_digits_pipeline("v" if name == "digits-v" else "eps")
+
+
+def load_pipeline(path: str | Path | None):
+    """A pipeline with a ``unet`` (or ``transformer``) and a ``scheduler``, its network in eval mode.
+
+    ``path``: one of ``EMBEDDED_PIPELINES`` (``None``: ``"digits"``) or a local diffusers pipeline folder
+    (unconditional, class-conditional, e.g. a saved ``DigitsConditionalPipeline``, or text-to-image).
+    """
+    name = "digits" if path is None else str(path)
+    if name in EMBEDDED_PIPELINES:
+        pipe = _load_embedded(name)
+    elif not Path(name).is_dir():
+        raise FileNotFoundError(f"--pipeline {name}: neither one of {', '.join(EMBEDDED_PIPELINES)} nor a folder")
     else:
         from diffusers import DiffusionPipeline
 
-        pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True)
-    if not hasattr(pipe, "unet") or not hasattr(pipe, "scheduler"):
-        raise ValueError(f"{path}: need an unconditional pipeline with `unet` and `scheduler` components")
-    pipe.unet.eval().requires_grad_(False)
+        import fastsampler.eval.cond_pipeline  # noqa: F401  (lets diffusers resolve DigitsConditionalPipeline)
+
+        pipe = DiffusionPipeline.from_pretrained(name, local_files_only=True)
+    if not hasattr(pipe, "scheduler"):
+        raise OptionError(f"--pipeline {name}: need a pipeline with a `scheduler` component")
+    SampleSource(pipe).network.eval().requires_grad_(False)
     return pipe
 
 
 def pipeline_id(path: str | Path | None) -> str:
-    """Identity of a pipeline directory for cache keys: its path plus the size and mtime of every file in it."""
-    from fastsampler.eval.digits import pipeline_dir
-
-    root = Path(path) if path is not None else pipeline_dir("eps")
+    """Identity of a pipeline directory for cache keys: its path plus the size and mtime of every file in it
+    (``None`` and the names of ``EMBEDDED_PIPELINES``: their asset folders)."""
+    name = "digits" if path is None else str(path)
+    root = embedded_pipeline_dir(name) if name in EMBEDDED_PIPELINES else Path(name)
     files = sorted(p for p in root.rglob("*") if p.is_file())
     listing = [(str(p.relative_to(root)), p.stat().st_size, int(p.stat().st_mtime)) for p in files]
     return hashlib.sha256(json.dumps([str(root.resolve()), listing]).encode()).hexdigest()[:16]
@@ -633,23 +672,28 @@ class RunResult:
     shards_generated: int
     shards_reused: int
     run_dir: str
+    seed: int | None = None
+    guidance_scale: float | None = None
 
 
 def evaluate_run(pipe, pipe_id: str, spec: RunSpec, num_samples: int, out_dir: Path,
                  evaluator: FIDEvaluator | None, ctx: DistContext = DistContext(), device: str = "cpu",
-                 progress: bool = True, on_generated: Callable[[GenerationReport], None] | None = None
-                 ) -> RunResult | None:
+                 progress: bool = True, on_generated: Callable[[GenerationReport], None] | None = None,
+                 conditioning: Conditioning | None = None) -> RunResult | None:
     """Generate (resuming) the shards of ``spec`` on every rank, then FID on rank 0 (other ranks get ``None``).
 
-    ``evaluator`` is only used on rank 0 (pass ``None`` elsewhere).
+    ``evaluator`` is only used on rank 0 (pass ``None`` elsewhere). ``conditioning``: what a conditional pipeline's
+    samples are conditioned on (``conditions.conditioning_for``; default: unconditional).
     """
-    run_dir = Path(out_dir) / spec.key(pipe_id)
+    source = SampleSource(pipe, conditioning or Conditioning())
+    identity = source.conditioning.identity()
+    run_dir = Path(out_dir) / spec.key(pipe_id, identity)
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "run.json").write_text(json.dumps({**asdict(spec), "pipeline_id": pipe_id,
-                                                      "num_samples": num_samples}, indent=2) + "\n")
+        atomic_write_text(run_dir / "run.json", json.dumps({**asdict(spec), "pipeline_id": pipe_id, **identity,
+                                                            "num_samples": num_samples}, indent=2) + "\n")
     t0 = time.perf_counter()
-    report = generate_shards(pipe.unet, dict(pipe.scheduler.config), spec, num_samples, run_dir, ctx, device,
+    report = generate_shards(source, dict(pipe.scheduler.config), spec, num_samples, run_dir, ctx, device,
                              progress, pipeline=pipe_id)
     if on_generated is not None:
         on_generated(report)
@@ -662,7 +706,7 @@ def evaluate_run(pipe, pipe_id: str, spec: RunSpec, num_samples: int, out_dir: P
     return RunResult(scheduler=spec.scheduler, steps=spec.steps, nfe=int(shard_nfe(run_dir) or spec.steps),
                      fid=fid, num_samples=num_samples, scheduler_kwargs=dict(spec.scheduler_kwargs),
                      seconds=round(seconds, 2), shards_generated=counts[0], shards_reused=counts[1],
-                     run_dir=str(run_dir))
+                     run_dir=str(run_dir), seed=spec.seed, guidance_scale=spec.guidance_scale)
 
 
 def _gather_counts(ctx: DistContext, generated: int, skipped: int) -> tuple[int, int]:
@@ -677,12 +721,16 @@ def _gather_counts(ctx: DistContext, generated: int, skipped: int) -> tuple[int,
 def run_sweep(specs: Sequence[RunSpec], num_samples: int, out_dir: str | Path, pipeline: str | Path | None = None,
               reference: str = "digits-train", features: str = "auto", inception_weights: str | Path | None = None,
               cache_dir: str | Path | None = None, device: str = "cpu", progress: bool = True,
-              ctx: DistContext | None = None) -> list[RunResult]:
+              ctx: DistContext | None = None, prompts: Sequence[str] | None = None,
+              negative_prompt: str | None = None) -> list[RunResult]:
     """Evaluate every spec in order (shared pipeline, reference statistics and output dir).
 
-    ``features="auto"``: the digits extractor for the ``digits-*`` references, InceptionV3 otherwise. ``device``
-    goes through ``select_device`` (``"cuda"``: ``cuda:<LOCAL_RANK>``). Returns the results on rank 0 and an empty
-    list on the other ranks.
+    ``pipeline``: one of ``EMBEDDED_PIPELINES`` (``None``: ``"digits"``) or a local folder. A class-conditional
+    pipeline samples class-balanced labels, a text-to-image one needs ``prompts`` (sample j: prompt j mod P) and
+    takes a ``negative_prompt``; each spec's ``guidance_scale`` applies (``conditions``). ``features="auto"``: the
+    digits extractor for the ``digits-*`` references, InceptionV3 otherwise. ``device`` goes through
+    ``select_device`` (``"cuda"``: ``cuda:<LOCAL_RANK>``). Returns the results on rank 0 and an empty list on the
+    other ranks. Options that do not fit the pipeline raise ``conditions.OptionError`` before any sampling.
     """
     from tqdm.auto import tqdm
 
@@ -694,14 +742,19 @@ def run_sweep(specs: Sequence[RunSpec], num_samples: int, out_dir: str | Path, p
     cache_dir = Path(cache_dir) if cache_dir is not None else out_dir / "ref_stats"
     device = select_device(device, ctx)  # "cuda" → this rank's own GPU
     pipe = load_pipeline(pipeline).to(device)
+    conditioning = conditioning_for(pipe, prompts, negative_prompt)
+    for spec in specs:
+        conditioning.check_guidance(spec.guidance_scale)
     pipe_id = pipeline_id(pipeline)
     evaluator = FIDEvaluator(extractor, reference, cache_dir) if ctx.is_main else None
     results: list[RunResult] = []
     for spec in tqdm(specs, desc="runs", unit="run", disable=not (progress and ctx.is_main)):
-        result = evaluate_run(pipe, pipe_id, spec, num_samples, out_dir, evaluator, ctx, device, progress)
+        result = evaluate_run(pipe, pipe_id, spec, num_samples, out_dir, evaluator, ctx, device, progress,
+                              conditioning=conditioning)
         if result is not None:
             results.append(result)
             if progress:
-                tqdm.write(f"{spec.scheduler} steps={spec.steps} NFE={result.nfe}: FID {result.fid:.3f} "
-                           f"({result.seconds:.0f}s, {result.shards_generated} shards new)")
+                guided = "" if spec.guidance_scale is None else f" w={spec.guidance_scale:g}"
+                tqdm.write(f"{spec.scheduler} steps={spec.steps}{guided} seed={spec.seed} NFE={result.nfe}: "
+                           f"FID {result.fid:.3f} ({result.seconds:.0f}s, {result.shards_generated} shards new)")
     return results

@@ -39,9 +39,13 @@ from fastsampler.schedules.noise import ContinuousVP, make_betas
 DIGITS_TAU = 0.1
 
 def _as_column(value: float | np.ndarray | torch.Tensor, batch: int) -> torch.Tensor:
-    """A scalar or per-sample (B,) noise coefficient as a float64 (B, 1) column."""
-    col = torch.as_tensor(np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value,
-                                     dtype=np.float64))
+    """A scalar or per-sample (B,) noise coefficient as a float64 (B, 1) column (a tensor that requires grad
+    stays in the graph: learned time points differentiate through the model's noise level)."""
+    if isinstance(value, torch.Tensor) and value.requires_grad:
+        col = value.to(torch.float64)
+    else:
+        col = torch.as_tensor(np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value,
+                                         dtype=np.float64))
     return col.reshape(-1, 1).expand(batch, 1) if col.numel() == 1 else col.reshape(batch, 1)
 
 
@@ -177,12 +181,19 @@ class DiscreteVPTime:
     def rhos(self) -> np.ndarray:
         return np.sqrt((1.0 - self.alphas_cumprod) / self.alphas_cumprod)
 
-    def rho(self, t: np.ndarray) -> np.ndarray:
+    def rho(self, t: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        """ρ at t, linear between integers (a differentiable torch version for a tensor t)."""
+        if isinstance(t, torch.Tensor):
+            rhos = torch.as_tensor(self.rhos, dtype=torch.float64)
+            t = t.to(torch.float64).clamp(0, len(rhos) - 1)
+            lo = t.detach().floor().clamp(max=len(rhos) - 2).long()
+            w = t - lo
+            return rhos[lo] * (1 - w) + rhos[lo + 1] * w
         return np.interp(np.asarray(t, dtype=np.float64), np.arange(len(self.alphas_cumprod)), self.rhos)
 
-    def alpha_sigma(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def alpha_sigma(self, t):
         rho = self.rho(t)
-        alpha = 1.0 / np.sqrt(1.0 + rho**2)
+        alpha = 1.0 / (1.0 + rho**2) ** 0.5
         return alpha, rho * alpha
 
 
@@ -192,7 +203,15 @@ class ContinuousVPTime:
 
     schedule: ContinuousVP
 
-    def alpha_sigma(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def alpha_sigma(self, t):
+        if isinstance(t, torch.Tensor):  # differentiable: log α(t) in torch (linear schedule)
+            if self.schedule.kind != "linear":
+                raise NotImplementedError("a differentiable time input is implemented for vp_linear only")
+            tt = t.to(torch.float64) / 1000.0
+            b0, b1 = self.schedule.beta_0, self.schedule.beta_1
+            log_alpha = -0.25 * tt**2 * (b1 - b0) - 0.5 * tt * b0
+            alpha = torch.exp(log_alpha)
+            return alpha, torch.sqrt(1.0 - alpha**2)
         rho = self.schedule.rho_at(np.asarray(t, dtype=np.float64) / 1000.0)
         alpha = 1.0 / np.sqrt(1.0 + rho**2)
         return alpha, rho * alpha
@@ -204,8 +223,9 @@ class FlowTime:
 
     num_train_timesteps: int = 1000
 
-    def alpha_sigma(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        s = np.asarray(t, dtype=np.float64) / self.num_train_timesteps
+    def alpha_sigma(self, t):
+        s = (t.to(torch.float64) if isinstance(t, torch.Tensor) else np.asarray(t, dtype=np.float64)) \
+            / self.num_train_timesteps
         return 1.0 - s, s
 
 
@@ -250,7 +270,10 @@ class MixtureModel:
         kind = prediction_type or config.get("prediction_type") or "flow_prediction"
         return cls(denoiser, time_conditioning(config), kind)
 
-    def alpha_sigma(self, t: float | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def alpha_sigma(self, t: float | torch.Tensor):
+        """(α, σ) at model time t: numpy, or torch when t is a tensor that requires grad (differentiable)."""
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            return self.time.alpha_sigma(t)
         t = t.detach().cpu().to(torch.float64).numpy() if isinstance(t, torch.Tensor) else np.float64(t)
         return self.time.alpha_sigma(t)
 

@@ -172,7 +172,8 @@ class Transform:
 
 
 def options_of(obj: Any) -> dict[str, Any]:
-    """The JSON-able dataclass fields of a builder or transform (for plan metadata)."""
+    """The JSON-able dataclass fields of a builder or transform (for plan metadata); fields with a ``to_dict``
+    are recorded in that form."""
     out: dict[str, Any] = {}
     for f in dataclasses.fields(obj):
         v = getattr(obj, f.name)
@@ -180,6 +181,8 @@ def options_of(obj: Any) -> dict[str, Any]:
             out[f.name] = v
         elif isinstance(v, (tuple, list)) and all(isinstance(e, (bool, int, float, str)) for e in v):
             out[f.name] = list(v)
+        elif callable(getattr(v, "to_dict", None)):  # an option that is itself data (a USF schedule)
+            out[f.name] = v.to_dict()
     return out
 
 

@@ -104,13 +104,21 @@ class UniPC:
         d[age0] = -a_t * s_s / a_s
         return Combo(x=a_t / a_s, d=tuple(d))
 
-    def rule(self, i: int, available: int, nodes: Nodes) -> Rule:
+    def stages(self, i: int, available: int, nodes: Nodes) -> tuple[Combo | None, Combo]:
+        """The two updates of row i: the corrected state x_i^c (reads the register = x_{i−1}^c; None where the
+        corrector is off) and the predictor x_{i+1} = a·x_i^c + Σ d_a D̂_{i−a}, whose X term stands for x_i^c.
+        ``rule`` composes them; transforms that act on each update's slope (``transforms.stages``) read them."""
         p = self.predictor_order(i, available, nodes)
         predictor = self._update(nodes, i, i + 1, 0, p, corrector=False)
         if available == 0 or (i - 1) in self.disable_corrector:
-            return Rule(predictor, registers=(Combo(x=1.0),))
+            return None, predictor
         # Corrector of the previous predictor's order: x_{i−1} (the register) → x_i, m0 = m_{i−1} (age 1).
         q = self.predictor_order(i - 1, available - 1, nodes)
         corr = self._update(nodes, i - 1, i, 1, q, corrector=True)
-        corrected = Combo(r=(corr.x,), p=corr.p, d=corr.d)
+        return Combo(r=(corr.x,), p=corr.p, d=corr.d), predictor
+
+    def rule(self, i: int, available: int, nodes: Nodes) -> Rule:
+        corrected, predictor = self.stages(i, available, nodes)
+        if corrected is None:
+            return Rule(predictor, registers=(Combo(x=1.0),))
         return Rule(predictor.replace_x(corrected), registers=(corrected,))

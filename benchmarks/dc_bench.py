@@ -1,0 +1,128 @@
+"""DC-Solver on the exact digits mixture: ratios fitted on some noises, error measured on others.
+
+For each guidance setting (unguided, 7.5) and each base solver (UniPC bh2 order 2 and 3, DPM-Solver++ 2M and 3M),
+``fastsampler.tune(method="dc")`` fits one ratio list per NFE on ``--fit-samples`` noises (seed ``--fit-seed``,
+default 1000: never the bench's seed 0) against a 200-evaluation teacher, and writes them as a ratio file. Then
+``fastsampler.eval.bench`` runs, side by side and on the bench's own held-out noises (seed 0, batch 256): every
+diffusers scheduler, the plain solvers, and the same solvers with ``dc_ratios_file``. Results go to
+``benchmarks/results/dc_bench/`` (ratio files, bench tables and JSON per guidance, and summary.md with the ratio of
+each DC solver's error to the best diffusers scheduler's at each NFE, plus tuning time per configuration).
+
+    python benchmarks/dc_bench.py                 # ~10 min on 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import fastsampler
+from fastsampler.eval import bench as bench_lib
+from fastsampler.eval import gmm
+from fastsampler.tuning.cpr import write_ratio_file
+from fastsampler.tuning.model import MixtureDenoiserModel
+
+RESULTS = Path(__file__).resolve().parent / "results" / "dc_bench"
+NFES = (4, 5, 6, 8, 10)
+BASES = {  # name → (scheduler class, options)
+    "unipc-bh2-2": ("UniPCScheduler", {"solver_order": 2}),
+    "unipc-bh2-3": ("UniPCScheduler", {"solver_order": 3}),
+    "dpmpp-2m": ("DPMSolverPlusPlusScheduler", {"solver_order": 2}),
+    "dpmpp-3m": ("DPMSolverPlusPlusScheduler", {"solver_order": 3}),
+}
+
+
+def fit(preset: str, guidance: float | None, base: str, fit_samples: int, fit_seed: int, out: Path,
+        search: str, objective: str) -> tuple[Path, float, dict]:
+    cls_name, options = BASES[base]
+    config = bench_lib.preset_config(preset)
+    scheduler = getattr(fastsampler, cls_name).from_config(config, **options)
+    setup = bench_lib.BenchSetup(preset, None, guidance, fit_samples, fit_seed)
+    model = MixtureDenoiserModel(gmm.MixtureModel.from_scheduler_config(setup.denoiser(), config))
+    noise = setup.noise().double()
+    began = time.perf_counter()
+    tuned = fastsampler.tune(scheduler, model, noise, list(NFES), search=search, objective=objective,
+                             progress=False, checkpoint_dir=out / ".checkpoints" / f"{base}_g{guidance}_{objective}")
+    seconds = time.perf_counter() - began
+    entries = [{"num_steps": n, "guidance_scale": guidance, "ratios": r["ratios"]}
+               for n, r in tuned.tuning_report["steps"].items()]
+    path = write_ratio_file(out / f"ratios_{base}_g{guidance}.json", entries, scheduler.config,
+                            note=f"dc_bench.py: {fit_samples} fitting noises, seed {fit_seed}, {search} search")
+    return path, seconds, tuned.tuning_report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="sd")
+    parser.add_argument("--fit-samples", type=int, default=32)
+    parser.add_argument("--fit-seed", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--search", default="gradient", choices=("gradient", "scan"))
+    parser.add_argument("--objective", default="final", choices=("next", "final"),
+                        help="DC search loss: the official next-node loss, or the final sample's (default here: on "
+                             "the exact mixture the final jump to σ = 0 dominates the error)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    summary = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "machine": f"{platform.processor() or platform.machine()}, torch threads 1",
+               "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()}, "runs": {}}
+    for guidance in (None, 7.5):
+        specs = bench_lib.select_solvers("diffusers/*", bench_lib.preset_config(args.preset))
+        tuning = {}
+        for base, (cls_name, options) in BASES.items():
+            opts = ",".join(f"{k}={v}" for k, v in options.items())
+            specs.append(bench_lib.custom_spec(f"{cls_name}:{opts}"))
+            path, seconds, report = fit(args.preset, guidance, base, args.fit_samples, args.fit_seed, args.out,
+                                        args.search, args.objective)
+            specs.append(bench_lib.custom_spec(f"{cls_name}:{opts},dc_ratios_file={path}"))
+            tuning[base] = {"seconds": seconds, "ratio_file": path.name,
+                            "per_nfe": {n: {k: r[k] for k in ("ratios", "final_loss_plain", "final_loss_tuned",
+                                                              "fell_back_to_plain", "model_evaluations", "seconds")}
+                                        for n, r in report["steps"].items()}}
+            print(f"g={guidance} {base}: tuned {len(NFES)} NFEs in {seconds:.1f} s", flush=True)
+        setup = bench_lib.BenchSetup(args.preset, None, guidance, args.batch_size, 0)
+        result = bench_lib.run_bench(setup, specs, NFES, progress=False)
+        folder = args.out / f"g{guidance}"
+        bench_lib.write_outputs(result, folder)
+        rows = {}
+        for nfe in NFES:
+            best = result.best("diffusers", nfe)
+            rows[nfe] = {"best_diffusers": [best.solver, best.rmse]}
+            for run in result.runs:
+                if run.nfe == nfe and run.family == "fastsampler":
+                    rows[nfe][run.solver] = [run.rmse, run.rmse / best.rmse]
+        summary["runs"][str(guidance)] = {"tuning": tuning, "table": rows}
+        print(bench_lib.format_table(result), flush=True)
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (args.out / "summary.md").write_text(markdown(summary))
+
+
+def markdown(summary: dict) -> str:
+    lines = [f"# DC-Solver on the exact digits mixture ({summary['date']}, {summary['machine']})", "",
+             "RMSE against the exact ODE solution on the bench's held-out noises (seed 0, batch 256); DC ratios fitted "
+             "on other noises (`--fit-seed`). Ratio = solver RMSE / best diffusers scheduler RMSE at that NFE "
+             "(< 1: better). `python benchmarks/dc_bench.py`", ""]
+    for guidance, run in summary["runs"].items():
+        table = run["table"]
+        solvers = [s for s in next(iter(table.values())) if s != "best_diffusers"]
+        lines += [f"## guidance {guidance}", "", "| solver | " + " | ".join(f"NFE {n}" for n in table) + " |",
+                  "|---|" + "---:|" * len(table)]
+        lines.append("| best diffusers | " + " | ".join(f"{v['best_diffusers'][1]:.4f} ({v['best_diffusers'][0]})"
+                                                          for v in table.values()) + " |")
+        for s in solvers:
+            lines.append(f"| {s} | " + " | ".join(f"{v[s][0]:.4f} ({v[s][1]:.2f}×)" for v in table.values()) + " |")
+        lines += ["", "Tuning time (all NFEs, 2-core CPU): " + ", ".join(
+            f"{b}: {t['seconds']:.0f} s" for b, t in run["tuning"].items()), ""]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""``fastsampler.tune``: fit a scheduler to the user's model and step budget; returns a scheduler that runs it.
+
+    tuned = fastsampler.tune(scheduler, model, noise, num_inference_steps, method="dc", **options)
+    tuned.save_pretrained("my_scheduler")       # pipe.scheduler = UniPCScheduler.from_pretrained("my_scheduler")
+
+``scheduler``: one of ours, configured for the model (``from_config(pipe.scheduler.config)``). ``model``: a callable
+``model(x, t)`` returning the output in the scheduler's ``prediction_type`` (``fastsampler.tuning.model`` has
+adapters), or a diffusers pipeline (then ``prompt`` / ``negative_prompt`` / ``guidance_scale`` / ``class_labels``
+choose its conditions). ``noise``: the fitting noises (B, …) — tuning is judged on other noises
+(``validation_noise`` reports that). ``num_inference_steps``: one step count or several; the tuned scheduler holds
+a plan for each (``scheduler.plans``) and saves them in its folder.
+
+Methods: ``"dc"`` (DC-Solver's compensation ratios, ``fastsampler.tuning.dc``), ``"timesteps"`` (learned
+time points, ``fastsampler.tuning.timesteps``) and ``"s3"`` (a searched USF schedule and grid,
+``fastsampler.tuning.s3``; the result is an ``S3Scheduler``). Every method compares against a
+teacher trajectory (``fastsampler.tuning.teacher``) cached on disk under ``cache_dir``, and checkpoints under
+``checkpoint_dir`` so a killed run resumes. Under ``torchrun`` (or with ``dist``) the teacher is computed sharded
+across the processes, and ``method="s3"`` searches one shared study from every process (give a shared
+``checkpoint_dir`` or ``storage``).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from fastsampler.eval.distributed import DistContext, distributed_context
+from fastsampler.tuning.dc import DCSearch, dc_plan, search_ratios
+from fastsampler.tuning.model import from_pipeline
+from fastsampler.tuning.teacher import TeacherSpec, teacher_trajectories
+
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("FASTSAMPLER_CACHE", Path.home() / ".cache" / "fastsampler"))
+
+
+def _model(model: Any, batch: int, prompt, negative_prompt, guidance_scale, class_labels) -> Callable:
+    if hasattr(model, "unet") or hasattr(model, "transformer"):  # a pipeline
+        return from_pipeline(model, batch, prompt=prompt, negative_prompt=negative_prompt,
+                             guidance_scale=guidance_scale, class_labels=class_labels)
+    if prompt is not None or class_labels is not None:
+        raise ValueError("`prompt` / `class_labels` apply to pipelines; a model callable carries its own conditions")
+    return model
+
+
+def _frozen(model: Callable) -> Callable:
+    """Model parameters never need gradients while tuning (only the sampler's parameters do)."""
+    for attr in ("unet", "transformer"):
+        module = getattr(model, attr, None)
+        if isinstance(module, torch.nn.Module):
+            module.requires_grad_(False)
+    return model
+
+
+def _teacher_spec(teacher: TeacherSpec | dict | str | None) -> TeacherSpec:
+    if teacher is None:
+        return TeacherSpec()
+    if isinstance(teacher, TeacherSpec):
+        return teacher
+    if isinstance(teacher, dict):
+        return TeacherSpec(**teacher)
+    solver, _, steps = str(teacher).partition(":")
+    return TeacherSpec(solver, int(steps) if steps else 200)
+
+
+def validation_loss(scheduler, model: Callable, noise: torch.Tensor, teacher: TeacherSpec,
+                    cache_dir: Path | None, progress: bool) -> float:
+    """Mean squared error of the scheduler's samples against the teacher's final states, on ``noise``."""
+    from fastsampler.tuning.runner import run
+
+    reference = teacher_trajectories(scheduler, model, noise, teacher, cache_dir, progress=progress)[-1]
+    with torch.no_grad():
+        final, _ = run(scheduler.plan, model, noise)
+    return float((final.double() - reference.double()).pow(2).mean())
+
+
+def _tune_dc(student, fit_model, noise, reference, n, options: dict, checkpoint_dir, progress):
+    search = DCSearch(method=options.get("search", "gradient"), iters=options.get("iters", 20),
+                      lr=options.get("lr", 0.1), weight_decay=options.get("weight_decay", 0.0),
+                      bounds=tuple(options.get("bounds", (0.3, 1.7))), order=options.get("dc_order", 2),
+                      objective=options.get("objective", "next"))
+    checkpoint = Path(checkpoint_dir) / f"dc_{n}.json" if checkpoint_dir is not None else None
+    result = search_ratios(student, fit_model, noise, reference, search, checkpoint, progress)
+    return dc_plan(student, result.ratios, search.order), asdict(result), asdict(search)
+
+
+def _tune_timesteps(student, fit_model, noise, reference, n, options: dict, checkpoint_dir, progress):
+    from fastsampler.tuning.timesteps import TimestepSearch, learn_timesteps
+
+    search = TimestepSearch(iters=options.get("iters", 40), lr=options.get("lr", 0.05),
+                            fd_step=options.get("fd_step", 1e-5))
+    checkpoint = Path(checkpoint_dir) / f"timesteps_{n}.json" if checkpoint_dir is not None else None
+    plan, result = learn_timesteps(student, fit_model, noise, reference[-1], search, checkpoint, progress)
+    return plan, asdict(result), asdict(search)
+
+
+def _tune_s3(student, fit_model, noise, reference, n, options: dict, checkpoint_dir, progress):
+    from fastsampler.tuning.s3 import S3Search, search_schedule
+
+    fields = {k: options[k] for k in ("budget_evaluations", "budget_seconds", "warmup", "round_size", "keep",
+                                      "max_order", "search_grid", "seed") if k in options}
+    if "grid_power_range" in options:
+        fields["grid_power_range"] = tuple(options["grid_power_range"])
+    search = S3Search(**fields)
+    storage = options.get("storage")
+    if storage is None and checkpoint_dir is not None:
+        storage = Path(checkpoint_dir) / "s3_study.log"
+    plan, result = search_schedule(student, fit_model, noise, reference[-1], search, storage,
+                                   options.get("scorer"), f"s3-{n}", progress)
+    return plan, asdict(result), asdict(search)
+
+
+_METHODS = {"dc": (_tune_dc, {"search", "iters", "lr", "weight_decay", "bounds", "dc_order", "objective"}),
+            "timesteps": (_tune_timesteps, {"iters", "lr", "fd_step"}),
+            "s3": (_tune_s3, {"budget_evaluations", "budget_seconds", "warmup", "round_size", "keep", "max_order",
+                              "search_grid", "grid_power_range", "seed", "storage", "scorer"})}
+
+
+def _result_class(scheduler, method: str) -> type:
+    """The class of the tuned scheduler: the input's, except that a searched USF schedule is an S3Scheduler."""
+    if method == "s3":
+        from fastsampler.adapters.s3 import S3Scheduler
+
+        return S3Scheduler
+    return type(scheduler)
+
+
+def tune(scheduler, model, noise: torch.Tensor, num_inference_steps: int | Sequence[int], method: str = "dc", *,
+         prompt: str | Sequence[str] | None = None, negative_prompt: str | Sequence[str] | None = None,
+         guidance_scale: float | None = None, class_labels: Sequence[int] | torch.Tensor | None = None,
+         teacher: TeacherSpec | dict | str | None = None, validation_noise: torch.Tensor | None = None,
+         cache_dir: str | Path | None = "default", checkpoint_dir: str | Path | None = None,
+         progress: bool = True, dist: DistContext | None = None, **options: Any):
+    """Fit ``scheduler`` to ``model`` at each ``num_inference_steps``; returns a new scheduler of the same class.
+
+    ``method="dc"`` options: ``search`` ("gradient" | "scan"), ``iters``, ``lr``, ``weight_decay``, ``bounds``,
+    ``dc_order``, ``objective`` ("next" | "final") (``fastsampler.tuning.dc.DCSearch``). ``method="timesteps"``: ``iters``, ``lr``, ``fd_step``
+    (``fastsampler.tuning.timesteps.TimestepSearch``). The returned scheduler's ``tuning_report`` holds, per step
+    count, what was fitted and the losses on the fitting noises before and after, and — with
+    ``validation_noise`` — on held-out noises.
+    """
+    if method not in _METHODS:
+        raise ValueError(f"`method` must be one of {tuple(_METHODS)}, got {method!r}")
+    fit, allowed = _METHODS[method]
+    unknown = set(options) - allowed
+    if unknown:
+        raise ValueError(f"unknown options for method={method!r}: {sorted(unknown)}; allowed: {sorted(allowed)}")
+    steps = [num_inference_steps] if isinstance(num_inference_steps, int) else list(num_inference_steps)
+    if not steps or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in steps):
+        raise ValueError(f"`num_inference_steps` must be a positive integer or a list of them, got {num_inference_steps!r}")
+    if noise.ndim < 2 or noise.shape[0] < 1:
+        raise ValueError(f"`noise` must be a batch (B, …) of fitting noises, got shape {tuple(noise.shape)}")
+    spec = _teacher_spec(teacher)
+    cache = default_cache_dir() if cache_dir == "default" else (Path(cache_dir) if cache_dir is not None else None)
+    fit_model = _frozen(_model(model, noise.shape[0], prompt, negative_prompt, guidance_scale, class_labels))
+    held_out = None
+    if validation_noise is not None:
+        held_out = _frozen(_model(model, validation_noise.shape[0], prompt, negative_prompt, guidance_scale,
+                                  class_labels))
+    if not hasattr(fit_model, "cache_key") and cache is not None:
+        cache = None  # no identity for the model: never reuse a cached teacher
+    ctx = distributed_context() if dist is None else dist
+    if ctx.world_size > 1 and cache is None:
+        raise ValueError("several processes share teacher trajectories through `cache_dir`; pass one")
+    student = copy.deepcopy(scheduler)
+    student._warned = True  # a DCSolverScheduler without ratios is what the search starts from: no warning
+    tuned = _result_class(scheduler, method).from_config(scheduler.config)
+    report: dict[int, dict] = {}
+    settings = None
+    for n in steps:
+        student.set_timesteps(n, device=noise.device)
+        reference = teacher_trajectories(student, fit_model, noise, spec, cache, ctx=ctx, progress=progress)
+        plan, entry, settings = fit(student, fit_model, noise, reference, n, options, checkpoint_dir, progress)
+        ctx.barrier()
+        tuned.set_plan(plan)
+        if held_out is not None:
+            entry["validation_loss_plain"] = validation_loss(student, held_out, validation_noise, spec, cache, progress)
+            probe = type(scheduler).from_config(scheduler.config)
+            probe.set_plan(plan)
+            entry["validation_loss_tuned"] = validation_loss(probe, held_out, validation_noise, spec, cache, progress)
+        report[n] = entry
+    tuned.tuning_report = {"method": method, "teacher": asdict(spec), "search": settings, "steps": report}
+    tuned.set_timesteps(steps[0])
+    return tuned

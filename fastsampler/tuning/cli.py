@@ -1,0 +1,129 @@
+"""`fastsampler tune`: fit a scheduler to a local diffusers pipeline and write a scheduler folder.
+
+    fastsampler tune --pipeline DIR --method dc --steps 5,6,8 [--guidance-scale 7.5] [--prompts FILE] --out DIR
+
+With one guidance scale, ``--out`` is a scheduler folder (``pipe.scheduler = UniPCScheduler.from_pretrained(DIR)``)
+holding a tuned plan per step count; with several (``--guidance-scale 1.5,4,7.5``) each gets its folder
+``DIR/g<scale>``, and ``DIR`` also holds the ratio file ``dc_ratios.json`` and, from three or more (NFE, CFG)
+pairs, the cascade-polynomial-regression file ``dc_cpr.json`` (for ``dc_ratios_file`` / ``dc_cpr_file``). A report
+(``tune_report.json``) records losses, ratios, timings and the command. Teacher trajectories are cached and the
+search checkpoints, so a killed run resumes; under ``torchrun`` the teacher is computed sharded.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+import torch
+
+from fastsampler.eval.spec import parse_scheduler
+
+
+def _floats(text: str | None) -> list[float | None]:
+    return [None] if not text else [float(v) for v in text.split(",") if v.strip()]
+
+
+def _load_pipeline(path: str, device: str):
+    import fastsampler.eval.cond_pipeline  # noqa: F401  (registers the digits pipeline class)
+    from diffusers import DiffusionPipeline
+
+    if not Path(path).is_dir():
+        raise click.BadParameter(f"{path} is not a local pipeline folder", param_hint="--pipeline")
+    return DiffusionPipeline.from_pretrained(path, local_files_only=True).to(device)
+
+
+def _scheduler_for(pipe, spec: str):
+    import fastsampler
+
+    name, options = parse_scheduler(spec)
+    cls = getattr(fastsampler, name.removeprefix("fastsampler."), None)
+    if cls is None or not isinstance(cls, type):
+        raise click.BadParameter(f"{name!r} is not a fastsampler scheduler", param_hint="--scheduler")
+    return cls.from_config(pipe.scheduler.config, **options)
+
+
+def _noise(pipe, num: int, seed: int, device: str) -> torch.Tensor:
+    module = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    config = module.config
+    channels = getattr(config, "in_channels", 4)
+    size = getattr(config, "sample_size", 64)
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return torch.randn((num, channels, *size), generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+@click.command("tune")
+@click.option("--pipeline", "pipeline_dir", required=True, help="Local diffusers pipeline folder.")
+@click.option("--method", type=click.Choice(["dc"]), default="dc", show_default=True)
+@click.option("--steps", required=True, help="Comma-separated step counts, e.g. 5,6,8.")
+@click.option("--guidance-scale", default=None, help="Guidance scale(s), comma-separated (class- or text-conditional).")
+@click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Text file, one prompt per line (text-to-image pipelines).")
+@click.option("--negative-prompt", default=None)
+@click.option("--class-labels", default=None, help="Comma-separated labels (class-conditional); default: balanced.")
+@click.option("--scheduler", "scheduler_spec", default="UniPCScheduler", show_default=True,
+              metavar="NAME[:key=value,...]", help="The fastsampler scheduler to tune.")
+@click.option("--num-samples", type=click.IntRange(min=1), default=10, show_default=True, help="Fitting noises.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--search", type=click.Choice(["gradient", "scan"]), default="gradient", show_default=True)
+@click.option("--iters", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--teacher", default="dpmsolver++3:200", show_default=True, help="SOLVER:STEPS (dpmsolver++3 or ddim).")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--cache-dir", default=None, help="Teacher cache (default: $FASTSAMPLER_CACHE or ~/.cache/fastsampler).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--no-progress", is_flag=True)
+def tune(pipeline_dir: str, method: str, steps: str, guidance_scale: str | None, prompts_file: str | None,
+         negative_prompt: str | None, class_labels: str | None, scheduler_spec: str, num_samples: int, seed: int,
+         search: str, iters: int, teacher: str, device: str, cache_dir: str | None, out_dir: str,
+         no_progress: bool) -> None:
+    """Fit a fastsampler scheduler to a pipeline's model (DC-Solver ratios) and write a scheduler folder."""
+    from fastsampler.eval.distributed import distributed_context, select_device
+    from fastsampler.tuning.api import default_cache_dir, tune as tune_fn
+    from fastsampler.tuning.cpr import fit_cpr, write_cpr_file, write_ratio_file
+
+    began = time.perf_counter()
+    ctx = distributed_context()
+    device = select_device(device, ctx)
+    step_counts = [int(s) for s in steps.split(",") if s.strip()]
+    pipe = _load_pipeline(pipeline_dir, device)
+    prompts = Path(prompts_file).read_text().splitlines() if prompts_file else None
+    prompts = [p for p in prompts if p.strip()] if prompts else None
+    is_class_conditional = getattr(getattr(pipe, "unet", None), "config", None) is not None and \
+        getattr(pipe.unet.config, "num_class_embeds", None) is not None
+    labels = None
+    if class_labels:
+        labels = [int(v) for v in class_labels.split(",")]
+    elif is_class_conditional:
+        labels = [i % (int(pipe.unet.config.num_class_embeds) - 1) for i in range(num_samples)]
+    noise = _noise(pipe, num_samples, seed, device)
+    out = Path(out_dir)
+    scales = _floats(guidance_scale)
+    entries, report = [], {"command": " ".join(sys.argv), "pipeline": pipeline_dir, "method": method,
+                           "num_samples": num_samples, "seed": seed, "runs": {}}
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    for scale in scales:
+        scheduler = _scheduler_for(pipe, scheduler_spec)
+        target = out if len(scales) == 1 else out / f"g{scale:g}"
+        tuned = tune_fn(scheduler, pipe, noise, step_counts, method, prompt=prompts, negative_prompt=negative_prompt,
+                        guidance_scale=scale, class_labels=labels, teacher=teacher, cache_dir=cache,
+                        checkpoint_dir=target / ".checkpoints", progress=not no_progress, search=search, iters=iters)
+        if ctx.is_main:
+            tuned.save_pretrained(target)
+        for n, entry in tuned.tuning_report["steps"].items():
+            entries.append({"num_steps": n, "guidance_scale": scale, "ratios": entry["ratios"]})
+            click.echo(f"guidance {scale}, {n} steps: ratios {[round(r, 3) for r in entry['ratios']]}, fitting loss "
+                       f"{entry['final_loss_plain']:.4g} → {entry['final_loss_tuned']:.4g} "
+                       f"({entry['seconds']:.1f} s, {entry['model_evaluations']} model calls)")
+        report["runs"][str(scale)] = tuned.tuning_report
+    if ctx.is_main:
+        config = dict(_scheduler_for(pipe, scheduler_spec).config)
+        write_ratio_file(out / "dc_ratios.json", entries, config, note=f"fastsampler tune on {pipeline_dir}")
+        pairs = {(e["num_steps"], e["guidance_scale"]) for e in entries if e["guidance_scale"] is not None}
+        if len(pairs) >= 3:
+            write_cpr_file(out / "dc_cpr.json", fit_cpr(entries, ridge=1e-6), config, sorted(pairs))
+        report["seconds"] = time.perf_counter() - began
+        (out / "tune_report.json").write_text(json.dumps(report, indent=1, default=str))
+        click.echo(f"wrote {out} in {report['seconds']:.1f} s")

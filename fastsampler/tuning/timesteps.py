@@ -1,0 +1,238 @@
+"""Learned time points (LD3-style; Tong et al., ICLR 2025, arXiv 2405.15506): gradient descent on a grid.
+
+The N − 1 interior nodes of the scheduler's grid are learned in λ = log(α/σ) against the teacher's final sample,
+for any scheduler (its own solver and plug-ins). The grid stays strictly decreasing in noise and inside the
+schedule by construction: with u ∈ ℝᴺ,
+
+    λ_k = λ_0 + (λ_cap − λ_0) · Σ_{j≤k} softmax(u)_j,   k = 1 … N − 1,
+
+where λ_0 is the first node (kept), and λ_cap the last node when the grid ends at σ_min, or the smallest trained
+noise level when it ends at σ = 0 (that final node is kept).
+
+Gradients: a plan is closed-form in its nodes, so each iteration linearises the coefficient table, the output map
+and the model times around the current nodes by central differences of the plan builders (2(N − 1) plan
+compilations, no model calls — the "equivalent" of a differentiable builder), and autograd carries the loss
+through the sampling loop, the model's input and — where the model is differentiable in its time input, as a
+diffusers UNet is — its time input. Adam on u; the best grid seen (the initial one included) is kept, so tuning
+never ends worse on its fitting noises. Checkpoints (JSON: u, Adam moments, best) after every iteration; a rerun
+resumes. For discrete-time models the learned timesteps are rounded to integers at the end (the nodes' noise
+levels are kept, as for Karras grids).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from fastsampler.plans.format import Plan
+from fastsampler.samplers.rules import Nodes, compile_plan
+from fastsampler.schedules.grids import Grid
+from fastsampler.tuning.model import tensor_digest
+from fastsampler.tuning.runner import advance, start
+
+
+@dataclass(frozen=True)
+class TimestepSearch:
+    iters: int = 40
+    lr: float = 0.05
+    fd_step: float = 1e-5  # central-difference step in λ for the plan Jacobian
+
+    def __post_init__(self) -> None:
+        if self.iters < 1 or self.lr <= 0 or self.fd_step <= 0:
+            raise ValueError("timesteps search: `iters` ≥ 1, `lr` > 0 and `fd_step` > 0")
+
+
+@dataclass
+class TimestepReport:
+    num_steps: int
+    loss_initial: float = math.nan
+    loss_best: float = math.nan
+    loss_final_grid: float = math.nan  # after rounding timesteps (discrete models)
+    losses: list[float] = field(default_factory=list)
+    timesteps_initial: list[float] = field(default_factory=list)
+    timesteps_learned: list[float] = field(default_factory=list)
+    rho_learned: list[float] = field(default_factory=list)
+    model_evaluations: int = 0
+    seconds: float = 0.0
+
+
+def _lambda(rho: np.ndarray, flow: bool) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return np.log1p(-rho) - np.log(rho) if flow else -np.log(rho)
+
+
+def _rho(lam: np.ndarray, flow: bool) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(lam)) if flow else np.exp(-lam)
+
+
+class GridFamily:
+    """The scheduler's grids with the same ends and N − 1 free interior nodes (in λ)."""
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+        plan = scheduler.plan
+        self.flow = plan.flow
+        self.n = plan.num_steps
+        if self.n < 2:
+            raise ValueError("learning time points needs at least 2 steps (one interior node)")
+        lam = _lambda(plan.rho, self.flow)
+        self.lam0 = float(lam[0])
+        self.final_rho = float(plan.rho[-1])
+        self.final_zero = self.final_rho == 0.0
+        floor = scheduler.training_rho_range()[0]
+        self.cap = float(_lambda(np.array([floor]), self.flow)[0]) if self.final_zero else float(lam[-1])
+        self.interior0 = np.clip(lam[1:-1], self.lam0 + 1e-6, self.cap - 1e-6)
+
+    def u_from(self, interior: np.ndarray) -> np.ndarray:
+        edges = np.concatenate([[self.lam0], interior, [self.cap]])
+        return np.log(np.maximum(np.diff(edges), 1e-9))
+
+    def interior(self, u: torch.Tensor) -> torch.Tensor:
+        steps = torch.softmax(u, 0) * (self.cap - self.lam0)
+        return self.lam0 + torch.cumsum(steps, 0)[:-1]
+
+    def nodes(self, interior: np.ndarray, round_timesteps: bool = False) -> Nodes:
+        rho = np.concatenate([[_rho(np.array([self.lam0]), self.flow)[0]], _rho(np.asarray(interior), self.flow),
+                              [self.final_rho]])
+        rho[0] = self.scheduler.plan.rho[0]  # the first node exactly
+        timesteps = self.scheduler.model_timesteps(rho[:-1])
+        if round_timesteps:
+            timesteps = np.round(timesteps)
+        return Nodes.from_grid(Grid(timesteps, rho, self.flow))
+
+    def plan(self, interior: np.ndarray, round_timesteps: bool = False) -> Plan:
+        nodes = self.nodes(interior, round_timesteps)
+        builder, transforms = self.scheduler._build_parts(nodes)
+        meta = {"scheduler": type(self.scheduler).__name__, "schedule": self.scheduler._fingerprint(nodes.timesteps),
+                "tuned": "timesteps"}
+        return compile_plan(builder, nodes, self.scheduler.config.prediction_type, transforms, meta)
+
+
+def _tables(plan: Plan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return plan.coef, plan.out_map, np.asarray(plan.timesteps, dtype=np.float64)
+
+
+def linearise(family: GridFamily, interior: np.ndarray, h: float) -> tuple[Plan, list[np.ndarray], list[np.ndarray]]:
+    """The plan at ``interior`` and its tables' derivatives along each interior λ (central differences)."""
+    base = family.plan(interior)
+    values = _tables(base)
+    jac = [np.zeros(v.shape + (len(interior),)) for v in values]
+    for j in range(len(interior)):
+        step = np.zeros_like(interior)
+        step[j] = h
+        up, down = _tables(family.plan(interior + step)), _tables(family.plan(interior - step))
+        for d, a, b in zip(jac, up, down):
+            d[..., j] = (a - b) / (2 * h)
+    return base, list(values), jac
+
+
+def sample_with_grad(plan: Plan, values, jac, d_lambda: torch.Tensor, model: Callable, noise: torch.Tensor,
+                     dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+    """The final sample with the plan's tables linearised in ``d_lambda`` (gradients reach it)."""
+    coef, out_map, times = (torch.tensor(v, dtype=dtype) + torch.tensor(j, dtype=dtype) @ d_lambda
+                            for v, j in zip(values, jac))
+    state = start(plan, noise)
+    for i in range(plan.num_steps):
+        level = min(state.taken, plan.levels - 1)
+        out = model(state.x, times[i])
+        state = advance(plan, state, out, coef=coef[level, i], out_map=out_map[i])
+    return state.x, plan.num_steps
+
+
+def _key(plan: Plan, model, noise: torch.Tensor, target: torch.Tensor, search: TimestepSearch) -> str:
+    model_key = model.cache_key() if hasattr(model, "cache_key") else repr(model)
+    payload = json.dumps({"plan": plan.fingerprint(), "model": model_key, "noise": tensor_digest(noise),
+                          "target": tensor_digest(target), "search": asdict(search)}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def learn_timesteps(scheduler, model: Callable, noise: torch.Tensor, target: torch.Tensor,
+                    search: TimestepSearch = TimestepSearch(), checkpoint: str | Path | None = None,
+                    progress: bool = True) -> tuple[Plan, TimestepReport]:
+    """Learn the interior nodes of the scheduler's current grid (after ``set_timesteps(N)``) so its samples from
+    ``noise`` approach ``target`` (the teacher's final states); returns the tuned plan and a report."""
+    began = time.perf_counter()
+    family = GridFamily(scheduler)
+    dtype = torch.float64 if noise.dtype == torch.float64 else torch.float32
+    report = TimestepReport(family.n, timesteps_initial=[float(t) for t in scheduler.plan.timesteps])
+    path = Path(checkpoint) if checkpoint is not None else None
+    key = _key(scheduler.plan, model, noise, target, search)
+    u = torch.tensor(family.u_from(family.interior0), dtype=torch.float64, requires_grad=True)
+    optimiser = torch.optim.Adam([u], lr=search.lr)
+    best_u, best_loss, first = u.detach().clone(), math.inf, 0
+    if path is not None and path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            with torch.no_grad():
+                u.copy_(torch.tensor(saved["u"], dtype=torch.float64))
+            _restore_adam(optimiser, saved["adam"])
+            best_u, best_loss = torch.tensor(saved["best_u"], dtype=torch.float64), saved["best_loss"]
+            report.losses, first = saved["losses"], saved["iteration"]
+            report.loss_initial = report.losses[0] if report.losses else math.nan
+    bar = tqdm(range(first, search.iters + 1), desc=f"time points ({family.n} steps)", disable=not progress)
+    for it in bar:
+        interior = family.interior(u.detach()).numpy()
+        plan, values, jac = linearise(family, interior, search.fd_step)
+        optimiser.zero_grad()
+        d_lambda = (family.interior(u) - torch.as_tensor(interior)).to(dtype)
+        final, calls = sample_with_grad(plan, values, jac, d_lambda, model, noise, dtype)
+        loss = (final.to(torch.float64) - target.to(torch.float64)).pow(2).mean()
+        value = float(loss.detach())  # ok-sync: tuning, host side
+        report.model_evaluations += calls
+        report.losses.append(value)
+        if it == 0:
+            report.loss_initial = value
+        if value < best_loss:
+            best_u, best_loss = u.detach().clone(), value
+        bar.set_postfix(loss=f"{value:.4g}", best=f"{best_loss:.4g}")
+        if it < search.iters:
+            loss.backward()
+            optimiser.step()
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"key": key, "u": u.detach().tolist(), "adam": _adam_json(optimiser),  # ok-sync
+                                       "best_u": best_u.tolist(), "best_loss": best_loss,  # ok-sync
+                                       "losses": report.losses, "iteration": it + 1}))
+            os.replace(tmp, path)
+    interior = family.interior(best_u).numpy()
+    discrete = scheduler.timesteps.dtype == torch.int64
+    tuned = family.plan(interior, round_timesteps=discrete)
+    with torch.no_grad():
+        state = start(tuned, noise)
+        for i in range(tuned.num_steps):
+            state = advance(tuned, state, model(state.x, float(tuned.timesteps[i])))
+    report.loss_final_grid = float((state.x.double() - target.double()).pow(2).mean())
+    report.model_evaluations += tuned.num_steps
+    report.loss_best = best_loss
+    if report.loss_final_grid > report.loss_initial:  # rounding undid the gain: keep the scheduler's own grid
+        tuned = scheduler.plan
+        report.loss_final_grid = report.loss_initial
+    report.timesteps_learned = [float(t) for t in tuned.timesteps]
+    report.rho_learned = [float(r) for r in tuned.rho]
+    report.seconds = time.perf_counter() - began
+    return tuned, report
+
+
+def _adam_json(optimiser: torch.optim.Adam) -> dict:
+    state = next(iter(optimiser.state.values()), {})
+    return {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in state.items()}  # ok-sync
+
+
+def _restore_adam(optimiser: torch.optim.Adam, saved: dict) -> None:
+    if not saved:
+        return
+    state = optimiser.state_dict()
+    state["state"] = {0: {k: torch.tensor(v, dtype=torch.float64 if k != "step" else torch.float32)
+                          for k, v in saved.items()}}
+    optimiser.load_state_dict(state)

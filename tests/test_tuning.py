@@ -1,0 +1,224 @@
+"""The tuning harness shared by DC-Solver, S³ and learned time points: teacher trajectories, learned time points,
+the schedule search (resumption, two workers), model adapters and the ``fastsampler tune`` CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import fastsampler
+from fastsampler import S3Scheduler, UniPCScheduler
+from fastsampler.eval import bench, gmm
+from fastsampler.tuning.model import MixtureDenoiserModel, UNetDenoiser, from_pipeline
+from fastsampler.tuning.s3 import S3Search, karras_nodes, search_schedule
+from fastsampler.tuning.teacher import TeacherSpec, teacher_grid, teacher_trajectories
+from fastsampler.tuning.timesteps import TimestepSearch, learn_timesteps
+
+SD = bench.preset_config("sd")
+
+
+def mixture(config, batch: int, seed: int, guidance: float | None = None):
+    setup = bench.BenchSetup("sd", None, guidance, batch, seed)
+    model = MixtureDenoiserModel(gmm.MixtureModel.from_scheduler_config(setup.denoiser(), config))
+    return model, setup.noise().double()
+
+
+@pytest.mark.parametrize("config", [dict(), dict(use_karras_sigmas=True, final_sigmas_type="sigma_min"),
+                                    dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0)])
+def test_teacher_is_exact_at_the_students_nodes(config):
+    """On Gaussian data the teacher's states at every student node equal the closed-form ODE solution."""
+    s = UniPCScheduler(**config)
+    s.set_timesteps(6)
+    torch.manual_seed(0)
+    mu, tau = 0.5 * torch.randn(1, 16, dtype=torch.float64), 0.3
+    model = MixtureDenoiserModel(gmm.MixtureModel.from_scheduler_config(
+        gmm.MixtureDenoiser(gmm.single_gaussian(mu, tau)), s.config))
+    noise = torch.randn(8, 16, dtype=torch.float64)
+    states = teacher_trajectories(s, model, noise, TeacherSpec(steps=300), progress=False)
+    nodes, index = teacher_grid(s.plan, s, TeacherSpec(steps=300))
+    np.testing.assert_allclose(nodes.rho[index], s.plan.rho, rtol=1e-12)  # the student's nodes exactly
+    a0, s0 = (float(v) for v in model.model.alpha_sigma(s.timesteps[0]))
+    for i in range(7):
+        a, sg = float(s.plan.alpha[i]), float(s.plan.sigma[i])
+        exact = gmm.single_gaussian_solution(noise, mu, tau, a0, s0, sg / a if a > 0 else 0.0) * a
+        tol = 2e-3 if s.plan.rho[i] == 0.0 else 1e-4  # σ = 0: the exact jump from the smallest trained level
+        torch.testing.assert_close(states[i], exact, rtol=0, atol=tol)
+
+
+def test_teacher_cache_resumes_and_recomputes_corrupt_shards(tmp_path):
+    s = UniPCScheduler(**SD)
+    s.set_timesteps(5)
+    model, noise = mixture(s.config, 12, 1)
+    first = teacher_trajectories(s, model, noise, TeacherSpec(steps=40), tmp_path, shard_size=4, progress=False)
+    shards = sorted((tmp_path / "teacher").glob("*/shard_*.safetensors"))
+    assert len(shards) == 3
+    calls = []
+
+    class Counting(MixtureDenoiserModel):
+        def __call__(self, x, t):
+            calls.append(1)
+            return super().__call__(x, t)
+
+    again = teacher_trajectories(s, Counting(model.model), noise, TeacherSpec(steps=40), tmp_path, shard_size=4,
+                                 progress=False)
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    assert not calls  # every shard came from the cache
+    shards[1].write_bytes(b"garbage")
+    with pytest.warns(RuntimeWarning, match="unusable"):
+        fixed = teacher_trajectories(s, Counting(model.model), noise, TeacherSpec(steps=40), tmp_path, shard_size=4,
+                                     progress=False)
+    torch.testing.assert_close(fixed, first, rtol=0, atol=0)
+    assert calls  # only the corrupt shard was recomputed
+
+
+def test_learned_timesteps_lower_the_loss_and_keep_the_grid_valid(tmp_path):
+    s = UniPCScheduler(**SD)
+    s.set_timesteps(5)
+    model, noise = mixture(s.config, 16, 1000)
+    target = teacher_trajectories(s, model, noise, TeacherSpec(steps=60), progress=False)[-1]
+    search = TimestepSearch(iters=6)
+    plan, report = learn_timesteps(s, model, noise, target, search, tmp_path / "ck.json", progress=False)
+    assert report.loss_final_grid < report.loss_initial
+    assert np.all(np.diff(plan.rho[:-1]) < 0) and plan.rho[-1] == 0.0 and plan.rho[0] == s.plan.rho[0]
+    assert np.all(np.diff(plan.timesteps) < 0) and plan.timesteps.min() >= 0 and plan.timesteps.max() <= 999
+    assert np.all(plan.timesteps == np.round(plan.timesteps))  # discrete model: integer timesteps
+    # a rerun with the finished checkpoint resumes at its end: same result, no new iterations
+    again, report2 = learn_timesteps(s, model, noise, target, search, tmp_path / "ck.json", progress=False)
+    assert again.fingerprint() == plan.fingerprint() and report2.losses == report.losses
+
+
+def test_timesteps_method_returns_a_scheduler_with_the_learned_grid(tmp_path, monkeypatch):
+    s = fastsampler.DPMSolverPlusPlusScheduler.from_config(SD)
+    model, noise = mixture(s.config, 12, 1000)
+    tuned = fastsampler.tune(s, model, noise, [4, 5], method="timesteps", cache_dir=None, progress=False, iters=4)
+    assert set(tuned.plans) == {4, 5} and type(tuned) is fastsampler.DPMSolverPlusPlusScheduler
+    for n in (4, 5):
+        entry = tuned.tuning_report["steps"][n]
+        tuned.set_timesteps(n)
+        assert tuned.timesteps.tolist() == [int(t) for t in entry["timesteps_learned"]]
+        assert entry["loss_final_grid"] <= entry["loss_initial"]
+
+
+def test_s3_search_improves_on_its_starting_point_and_resumes_identically(tmp_path):
+    s = UniPCScheduler(**SD)
+    s.set_timesteps(4)
+    model, noise = mixture(s.config, 16, 1000)
+    target = teacher_trajectories(s, model, noise, TeacherSpec(steps=40), progress=False)[-1]
+    search = S3Search(budget_evaluations=4 * 30, warmup=12, round_size=4, keep=2)
+    plan, report = search_schedule(s, model, noise, target, search, tmp_path / "a.log", progress=False)
+    assert report.best_score < report.baseline_score
+    assert report.history == sorted(report.history, reverse=True)
+    assert plan.meta["scheduler"] == "S3Scheduler" and report.screened_out > 0
+
+    calls = {"n": 0}
+
+    def dying(x, t):
+        calls["n"] += 1
+        if calls["n"] == 4 * 17 + 2:  # mid-way through a candidate in a screened round
+            raise KeyboardInterrupt
+        return model(x, t)
+
+    with pytest.raises(KeyboardInterrupt):
+        search_schedule(s, dying, noise, target, search, tmp_path / "b.log", progress=False)
+    resumed, report_b = search_schedule(s, model, noise, target, search, tmp_path / "b.log", progress=False)
+    assert resumed.fingerprint() == plan.fingerprint()
+    assert report_b.history == report.history and report_b.evaluated == report.evaluated
+
+
+def _worker(rank: int, world: int, port: int, folder: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from fastsampler.eval.distributed import distributed_context
+
+    ctx = distributed_context()
+    s = UniPCScheduler(**SD)
+    model, noise = mixture(s.config, 8, 1000)
+    tuned = fastsampler.tune(s, model, noise, 4, method="s3", cache_dir=folder, checkpoint_dir=folder,
+                             progress=False, dist=ctx, budget_evaluations=4 * 24, warmup=10, round_size=4, keep=2)
+    with open(os.path.join(folder, f"result_{rank}.json"), "w") as f:
+        json.dump({"fingerprint": tuned.plans[4].fingerprint(), "report": tuned.tuning_report["steps"][4]}, f,
+                  default=str)
+
+
+@pytest.mark.slow
+def test_two_workers_search_one_study(tmp_path):
+    """Two processes (gloo) share the teacher through the cache and one optuna journal: both end with the same
+    best plan, every candidate was evaluated once, and the budget holds for the pair."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_worker, args=(2, 29511, str(tmp_path)), nprocs=2, join=True)
+    results = [json.loads((tmp_path / f"result_{r}.json").read_text()) for r in range(2)]
+    assert results[0]["fingerprint"] == results[1]["fingerprint"]
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    study = optuna.load_study(study_name="s3-4", storage=JournalStorage(JournalFileBackend(str(tmp_path / "s3_study.log"))))
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert 24 <= len(complete) <= 24 + 2 * 2  # the budget, overshot by at most one round's kept candidates per worker
+    assert len({t.number for t in study.trials}) == len(study.trials)
+
+
+def test_s3_tune_returns_an_s3_scheduler_that_saves_and_loads(tmp_path):
+    s = UniPCScheduler(**SD)
+    model, noise = mixture(s.config, 8, 1000)
+    tuned = fastsampler.tune(s, model, noise, 4, method="s3", cache_dir=None, progress=False,
+                             budget_evaluations=4 * 16, warmup=8, round_size=4, keep=2)
+    assert type(tuned) is S3Scheduler and set(tuned.plans) == {4}
+    tuned.save_pretrained(tmp_path)
+    back = S3Scheduler.from_pretrained(tmp_path)
+    back.set_timesteps(4)
+    assert back.plan.fingerprint() == tuned.plans[4].fingerprint()
+    # the searched plan also runs in a plain UniPCScheduler (plans are data)
+    u = UniPCScheduler(**SD)
+    u.set_plan(tuned.plans[4])
+
+
+def test_karras_nodes_keep_the_ends():
+    s = UniPCScheduler(**SD)
+    s.set_timesteps(6)
+    for power in (1.0, 3.0, 9.0):
+        nodes = karras_nodes(s, 6, power)
+        assert nodes.rho[0] == s.plan.rho[0] and nodes.rho[-1] == 0.0 and nodes.rho[-2] == pytest.approx(s.plan.rho[-2])
+        assert np.all(np.diff(nodes.rho[:-1]) < 0)
+
+
+def test_unet_denoiser_guidance_and_pipeline_adapter():
+    from fastsampler.eval.digits import load_digits_cond_pipeline
+
+    pipe = load_digits_cond_pipeline()
+    labels = torch.arange(4) % 10
+    x = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor(500)
+    with torch.no_grad():
+        guided = UNetDenoiser(pipe.unet, labels, 3.0)(x, t)
+        expected = pipe.guided_model_output(x, t, labels, 3.0)
+        torch.testing.assert_close(guided, expected)
+        adapter = from_pipeline(pipe, 4, class_labels=[0, 1, 2, 3], guidance_scale=3.0)
+        torch.testing.assert_close(adapter(x, t), expected)
+    assert adapter.cache_key() != UNetDenoiser(pipe.unet, labels, 2.0).cache_key()
+
+
+@pytest.mark.slow
+def test_cli_tune_writes_a_loadable_scheduler_folder(tmp_path):
+    from fastsampler.eval.digits import pipeline_dir
+
+    out = tmp_path / "tuned"
+    done = subprocess.run([sys.executable, "-m", "fastsampler.cli", "tune", "--pipeline", str(pipeline_dir("eps")),
+                           "--method", "dc", "--steps", "4", "--num-samples", "4", "--teacher", "dpmsolver++3:30",
+                           "--search", "scan", "--iters", "4", "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
+                           "--no-progress"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    loaded = UniPCScheduler.from_pretrained(out)
+    assert set(loaded.plans) == {4}
+    assert json.loads((out / "dc_ratios.json").read_text())["entries"][0]["num_steps"] == 4
+    report = json.loads((out / "tune_report.json").read_text())
+    assert report["runs"]
