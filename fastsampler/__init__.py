@@ -9,6 +9,13 @@ from fastsampler.plans.format import Plan
 import fastsampler.eval.cond_pipeline  # noqa: E402,F401  isort: skip
 
 
+def assets(name: str):
+    """The path of a shipped asset by name (``fastsampler.shipped.ASSETS``: models, tuned schedulers, DC files)."""
+    from fastsampler.shipped import asset
+
+    return str(asset(name))
+
+
 def tune(scheduler, model, noise, num_inference_steps, method: str = "dc", **options):
     """Fit ``scheduler`` to ``model`` (``fastsampler.tuning.api.tune``; imported on first use)."""
     from fastsampler.tuning.api import tune as _tune
@@ -17,5 +24,5 @@ def tune(scheduler, model, noise, num_inference_steps, method: str = "dc", **opt
 
 
 __all__ = ["DPMSolverPlusPlusScheduler", "DEISScheduler", "UniPCScheduler", "DCSolverScheduler", "PlanScheduler",
-           "Plan", "NonFiniteModelOutputError", "tune", "S3Scheduler"]
+           "Plan", "NonFiniteModelOutputError", "tune", "assets", "S3Scheduler"]
 __version__ = "0.1.0"

@@ -168,6 +168,7 @@ class PlanScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps = torch.from_numpy(np.arange(num_train_timesteps)[::-1].copy()).to(torch.int64)
         self.sigmas: torch.Tensor | None = None
         self._plan: Plan | None = None
+        self._time_shift: time_shift.CandidateRows | None = None
         self._plans: dict[int, Plan] = {}
         self._device_tables: dict[tuple[str, torch.device], torch.Tensor] = {}
         self._finite = DeferredFlag()
@@ -420,6 +421,7 @@ class PlanScheduler(SchedulerMixin, ConfigMixin):
                              f"use; {self._bound_hint()}")
 
     def _install(self, plan: Plan, device: str | torch.device | None) -> None:
+        time_shift_rows = self._time_shift_rows(plan)  # may refuse the plan: before anything changes
         if self._plan is not plan:
             self._device_tables.clear()  # tables of one plan at a time
         self._plan = plan
@@ -435,7 +437,7 @@ class PlanScheduler(SchedulerMixin, ConfigMixin):
         self._timesteps_np = np.array(plan.timesteps, dtype=np.float64)
         self.sigmas = torch.from_numpy(plan.rho.astype(np.float32))  # stays on CPU, as in diffusers
         self.num_inference_steps = plan.num_steps
-        self._time_shift = self._time_shift_rows(plan)
+        self._time_shift = time_shift_rows
         self._reset_state()
         if device is not None:
             dev = torch.device(device)

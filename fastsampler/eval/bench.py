@@ -94,6 +94,13 @@ class SolverSpec:
 
         import fastsampler
 
+        if self.scheduler.startswith("folder:"):  # a saved (e.g. tuned) scheduler folder
+            folder = self.scheduler.removeprefix("folder:")
+            cls_name = json.loads((Path(folder) / "scheduler_config.json").read_text())["_class_name"]
+            cls = getattr(fastsampler, cls_name, None) or getattr(diffusers, cls_name)
+            if self.options:
+                raise ValueError("options cannot be combined with a scheduler folder")
+            return cls.from_pretrained(folder)
         if "." in self.scheduler:  # a dotted path from --scheduler
             module_name, _, cls_name = self.scheduler.rpartition(".")
             cls = getattr(importlib.import_module(module_name), cls_name)
@@ -104,11 +111,14 @@ class SolverSpec:
 
 def custom_spec(text: str) -> SolverSpec:
     """A solver from the command line: ``NAME[:key=value,…]`` (``fastsampler.eval.spec``), e.g.
-    ``UniPCScheduler:momentum=hb,momentum_beta=0.8``; ours when fastsampler has the class, else diffusers'."""
+    ``UniPCScheduler:momentum=hb,momentum_beta=0.8``; ours when fastsampler has the class, else diffusers'; or the
+    path of a saved scheduler folder (a tuned scheduler: its plans run at the NFEs it has them for)."""
     import diffusers
 
     import fastsampler
 
+    if Path(text).is_dir():  # a saved scheduler folder (its plans run where it has one for the NFE)
+        return SolverSpec(f"folder/{Path(text).name}", "fastsampler", f"folder:{text}")
     name, options = parse_scheduler(text)
     short = name.removeprefix("fastsampler.")
     if hasattr(fastsampler, short) and "." not in short:

@@ -1,0 +1,81 @@
+"""Search and ship S³ plans for the embedded digits models at NFE 4, 5, 6, 8, 10 (fastsampler/assets/s3/).
+
+For the unconditional digits DDPM and the guided model at guidance 1.5 and 4, ``fastsampler.tune(method="s3")``
+searches a USF schedule and grid per NFE on ``--samples`` fitting noises (seed ``--seed``, 1000: FID and the bench
+use other seeds) against a 200-evaluation teacher, starting from UniPC bh1 order 3 (our best fixed solver on this
+model) with the given model-evaluation budget per NFE. Each model gets a scheduler folder holding the plans for all
+NFEs, loaded by name:
+
+    pipe.scheduler = fastsampler.S3Scheduler.from_pretrained(fastsampler.assets("digits-s3"))
+
+The study journals and teacher caches make a rerun resume. Search cost (model evaluations, seconds) per
+configuration goes to benchmarks/results/s3_fit_digits.json.
+
+    python benchmarks/fit_s3_digits.py               # ~40 min on 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import fastsampler
+from fastsampler.eval.digits import assets_dir, load_digits_cond_pipeline, load_digits_pipeline
+
+NFES = (4, 5, 6, 8, 10)
+RESULTS = Path(__file__).resolve().parent / "results" / "s3_fit_digits.json"
+MODELS = {"digits_ddpm": None, "digits_cond_g1.5": 1.5, "digits_cond_g4": 4.0}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=1000)
+    parser.add_argument("--budget", type=int, default=120, help="candidates per NFE (× NFE model evaluations)")
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--out", type=Path, default=assets_dir() / "s3")
+    parser.add_argument("--work", type=Path, default=Path(".cache") / "s3_fit")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "machine": f"{platform.processor() or platform.machine()}, torch threads 1", "samples": args.samples,
+              "seed": args.seed, "budget_candidates_per_nfe": args.budget, "runs": {}}
+    if RESULTS.exists():
+        record["runs"] = json.loads(RESULTS.read_text()).get("runs", {})
+    noise = torch.randn(args.samples, 1, 16, 16, generator=torch.Generator().manual_seed(args.seed))
+    labels = [i % 10 for i in range(args.samples)]
+    for name in args.models.split(","):
+        guidance = MODELS[name]
+        pipe = load_digits_pipeline() if guidance is None else load_digits_cond_pipeline()
+        scheduler = fastsampler.UniPCScheduler.from_config(pipe.scheduler.config, solver_order=3, solver_type="bh1")
+        tuned, seconds = None, {}
+        for n in NFES:
+            began = time.perf_counter()
+            result = fastsampler.tune(scheduler, pipe, noise, n, method="s3", guidance_scale=guidance,
+                                      class_labels=None if guidance is None else labels,
+                                      checkpoint_dir=args.work / name, progress=False,
+                                      budget_evaluations=args.budget * n, warmup=24, round_size=8, keep=2)
+            seconds[n] = time.perf_counter() - began
+            if tuned is None:
+                tuned = result
+            tuned.set_plan(result.plans[n])
+            report = result.tuning_report["steps"][n]
+            record["runs"].setdefault(name, {})[str(n)] = {
+                "seconds": seconds[n], "baseline_score": report["baseline_score"], "best_score": report["best_score"],
+                "evaluated": report["evaluated"], "screened_out": report["screened_out"],
+                "model_evaluations": report["model_evaluations"], "best": report["best"]}
+            print(f"{name} NFE {n}: {report['baseline_score']:.4g} → {report['best_score']:.4g} "
+                  f"({report['evaluated']} evaluated, {report['screened_out']} screened out, {seconds[n]:.0f} s)",
+                  flush=True)
+            RESULTS.write_text(json.dumps(record, indent=1, default=str))
+        tuned.save_pretrained(args.out / name)
+
+
+if __name__ == "__main__":
+    main()
