@@ -18,6 +18,7 @@ setup(
         "matplotlib>=3.7",
         "safetensors>=0.4",
         "scikit-learn>=1.3",
+        "optuna>=3.6",  # fastsampler.tune(method="s3"): resumable, multi-worker studies
     ],
     extras_require={
         "triton": ["triton>=3.0"],

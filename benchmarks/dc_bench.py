@@ -27,6 +27,7 @@ from fastsampler.eval import bench as bench_lib
 from fastsampler.eval import gmm
 from fastsampler.tuning.cpr import write_ratio_file
 from fastsampler.tuning.model import MixtureDenoiserModel
+from ratio_tables import ratio_rows, ratio_table
 
 RESULTS = Path(__file__).resolve().parent / "results" / "dc_bench"
 NFES = (4, 5, 6, 8, 10)
@@ -92,13 +93,7 @@ def main() -> None:
         result = bench_lib.run_bench(setup, specs, NFES, progress=False)
         folder = args.out / f"g{guidance}"
         bench_lib.write_outputs(result, folder)
-        rows = {}
-        for nfe in NFES:
-            best = result.best("diffusers", nfe)
-            rows[nfe] = {"best_diffusers": [best.solver, best.rmse]}
-            for run in result.runs:
-                if run.nfe == nfe and run.family == "fastsampler":
-                    rows[nfe][run.solver] = [run.rmse, run.rmse / best.rmse]
+        rows = ratio_rows(result, NFES)
         summary["runs"][str(guidance)] = {"tuning": tuning, "table": rows}
         print(bench_lib.format_table(result), flush=True)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -111,14 +106,7 @@ def markdown(summary: dict) -> str:
              "on other noises (`--fit-seed`). Ratio = solver RMSE / best diffusers scheduler RMSE at that NFE "
              "(< 1: better). `python benchmarks/dc_bench.py`", ""]
     for guidance, run in summary["runs"].items():
-        table = run["table"]
-        solvers = [s for s in next(iter(table.values())) if s != "best_diffusers"]
-        lines += [f"## guidance {guidance}", "", "| solver | " + " | ".join(f"NFE {n}" for n in table) + " |",
-                  "|---|" + "---:|" * len(table)]
-        lines.append("| best diffusers | " + " | ".join(f"{v['best_diffusers'][1]:.4f} ({v['best_diffusers'][0]})"
-                                                          for v in table.values()) + " |")
-        for s in solvers:
-            lines.append(f"| {s} | " + " | ".join(f"{v[s][0]:.4f} ({v[s][1]:.2f}×)" for v in table.values()) + " |")
+        lines += [f"## guidance {guidance}", "", *ratio_table(run["table"], lambda s: s.replace(str(RESULTS) + "/", ""))]
         lines += ["", "Tuning time (all NFEs, 2-core CPU): " + ", ".join(
             f"{b}: {t['seconds']:.0f} s" for b, t in run["tuning"].items()), ""]
     return "\n".join(lines) + "\n"

@@ -8,9 +8,9 @@ import diffusers
 import pytest
 import torch
 
-from fastsampler import (DEISScheduler, DPMSolverPlusPlusScheduler, NonFiniteModelOutputError, PlanScheduler,
-                         UniPCScheduler)
+from fastsampler import DEISScheduler, DPMSolverPlusPlusScheduler, NonFiniteModelOutputError, UniPCScheduler
 from parity_util import index_model, run_loop
+from sync_util import forbid_host_reads
 
 SCHEDULERS = [
     (DPMSolverPlusPlusScheduler, {}),
@@ -158,23 +158,11 @@ def test_step_makes_no_host_sync(monkeypatch, sample, accelerator):
     """step() may not read a tensor on the host: no .item(), .tolist(), .nonzero(), float(), int() or bool() of a
     tensor (each is a device sync on an accelerator). On the CPU the immediate finiteness check reads one sum, so
     the CPU run allows float() of a 0-d tensor only; the accelerator branch (forced here) allows nothing."""
-    if accelerator:
-        monkeypatch.setattr(PlanScheduler, "_on_accelerator", staticmethod(lambda device: True))
     schedulers = [cls(**opts) for cls, opts in SCHEDULERS] + [
         DPMSolverPlusPlusScheduler(thresholding=True, sample_max_value=2.0)]
     for s in schedulers:
         s.set_timesteps(8)
-
-    def forbid(name, original=None):
-        def fail(self, *args, **kwargs):
-            if original is not None and not accelerator and self.ndim == 0 and self.device.type == "cpu":
-                return original(self, *args, **kwargs)  # the CPU finiteness check: no device to sync with
-            raise AssertionError(f"step() called Tensor.{name}")
-        return fail
-
-    for name in ("item", "tolist", "nonzero", "__int__", "__bool__"):
-        monkeypatch.setattr(torch.Tensor, name, forbid(name))
-    monkeypatch.setattr(torch.Tensor, "__float__", forbid("__float__", torch.Tensor.__float__))
+    forbid_host_reads(monkeypatch, accelerator)
     for s in schedulers:
         x = sample
         for i, t in enumerate(s.timesteps):

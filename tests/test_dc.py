@@ -18,7 +18,7 @@ from fastsampler.tuning.cpr import fit_cpr, write_cpr_file, write_ratio_file
 from fastsampler.tuning.dc import DCSearch, dc_plan, search_ratios
 from fastsampler.tuning.model import MixtureDenoiserModel
 from fastsampler.tuning.teacher import TeacherSpec, teacher_trajectories
-from parity_util import index_model, run_loop
+from parity_util import run_loop
 
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 RATIOS = [1.0, 1.0, 0.8, 1.15, 1.3, 0.9]

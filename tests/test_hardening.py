@@ -11,7 +11,6 @@ import logging
 import threading
 
 import diffusers
-import numpy as np
 import pytest
 import torch
 

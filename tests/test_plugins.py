@@ -14,11 +14,12 @@ import pytest
 import torch
 
 import tiny_pipelines as tp
-from fastsampler import DEISScheduler, DPMSolverPlusPlusScheduler, PlanScheduler, UniPCScheduler
+from fastsampler import DEISScheduler, DPMSolverPlusPlusScheduler, UniPCScheduler
 from fastsampler.plans.format import OUT_NEXT, OUT_REGISTERS, OUT_STORE, SRC_P, src_register, src_slot
 from fastsampler.samplers.ghvb import GHVB, ghvb_weights
 from fastsampler.samplers.rules import Nodes, compile_plan
 from fastsampler.samplers.transforms.dualfast import effective_d1_weight
+from sync_util import forbid_host_reads
 from parity_util import index_model, run_loop
 from test_convergence import COMMON, STEPS, final_error
 
@@ -374,23 +375,11 @@ def test_sd_img2img_pipeline(name, strength):
 @pytest.mark.parametrize("accelerator", [False, True], ids=["cpu", "accelerator-branch"])
 def test_step_makes_no_host_sync(monkeypatch, accelerator):
     """As ``test_contract.test_step_makes_no_host_sync``, with every plug-in on."""
-    if accelerator:
-        monkeypatch.setattr(PlanScheduler, "_on_accelerator", staticmethod(lambda device: True))
     schedulers = [cls(**options) for cls, options in ON.values()] + [
         D(momentum="hb", thresholding=True, sample_max_value=2.0, epsilon_scaling=1.01)]
     for s in schedulers:
         s.set_timesteps(8)
-
-    def forbid(name, original=None):
-        def fail(self, *args, **kwargs):
-            if original is not None and not accelerator and self.ndim == 0 and self.device.type == "cpu":
-                return original(self, *args, **kwargs)  # the CPU finiteness check: no device to sync with
-            raise AssertionError(f"step() called Tensor.{name}")
-        return fail
-
-    for name in ("item", "tolist", "nonzero", "__int__", "__bool__"):
-        monkeypatch.setattr(torch.Tensor, name, forbid(name))
-    monkeypatch.setattr(torch.Tensor, "__float__", forbid("__float__", torch.Tensor.__float__))
+    forbid_host_reads(monkeypatch, accelerator)
     sample = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     for s in schedulers:
         x = sample

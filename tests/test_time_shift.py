@@ -20,6 +20,7 @@ import torch._dynamo
 from fastsampler import DEISScheduler, DPMSolverPlusPlusScheduler, PlanScheduler, UniPCScheduler
 from fastsampler.kernels.time_shift import sample_variance
 from fastsampler.samplers.transforms import time_shift
+from sync_util import forbid_host_reads
 from parity_util import index_model, run_loop
 from test_compile import model as compile_model
 from test_compile import test_steady_state_step_is_one_graph as steady_state_is_one_graph
@@ -331,23 +332,11 @@ def _build(spec: dict, **extra) -> PlanScheduler:
 @pytest.mark.parametrize("accelerator", [False, True], ids=["cpu", "accelerator-branch"])
 def test_step_makes_no_host_sync(monkeypatch, accelerator):
     """As tests/test_contract.py: with the shift on, step() reads nothing on the host (batch and per-sample times)."""
-    if accelerator:
-        monkeypatch.setattr(PlanScheduler, "_on_accelerator", staticmethod(lambda device: True))
     runs = [(_build(spec), per_sample) for spec in TS_SCHEDULERS for per_sample in (False, True)]
     for s, _ in runs:
         s.set_timesteps(8)
     x0 = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-
-    def forbid(name, original=None):
-        def fail(self, *args, **kwargs):
-            if original is not None and not accelerator and self.ndim == 0 and self.device.type == "cpu":
-                return original(self, *args, **kwargs)  # the CPU finiteness check
-            raise AssertionError(f"step() called Tensor.{name}")
-        return fail
-
-    for name in ("item", "tolist", "nonzero", "__int__", "__bool__"):
-        monkeypatch.setattr(torch.Tensor, name, forbid(name))
-    monkeypatch.setattr(torch.Tensor, "__float__", forbid("__float__", torch.Tensor.__float__))
+    forbid_host_reads(monkeypatch, accelerator)
     for s, per_sample in runs:
         x = x0
         for i, t in enumerate(s.timesteps):

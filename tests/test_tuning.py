@@ -222,3 +222,39 @@ def test_cli_tune_writes_a_loadable_scheduler_folder(tmp_path):
     assert json.loads((out / "dc_ratios.json").read_text())["entries"][0]["num_steps"] == 4
     report = json.loads((out / "tune_report.json").read_text())
     assert report["runs"]
+
+
+def test_shipped_assets_by_name():
+    import fastsampler.shipped as shipped
+
+    assert fastsampler.assets("digits-ddpm").endswith("digits_ddpm")
+    ratios = json.loads(open(fastsampler.assets("digits-dc-ratios")).read())
+    assert ratios["format"] == "fastsampler-dc-ratios/1" and {e["num_steps"] for e in ratios["entries"]} == {4, 5, 6, 8, 10}
+    with pytest.raises(ValueError, match="unknown asset"):
+        fastsampler.assets("digits-magic")
+    assert set(shipped.ASSETS) >= {"digits-s3", "digits-cond-dc-cpr"}
+    # the shipped DC ratios run as scheduler options on the model they were fitted for
+    from fastsampler.eval.digits import load_digits_pipeline
+
+    pipe = load_digits_pipeline()
+    s = UniPCScheduler.from_config(pipe.scheduler.config, dc_ratios_file=fastsampler.assets("digits-dc-ratios"))
+    s.set_timesteps(5)
+    assert s.plan.to_dict()["meta"]["transforms"][0]["name"] == "dc"
+
+
+def test_bench_and_fid_take_a_tuned_scheduler_folder(tmp_path):
+    from fastsampler.eval.fid import resolve_scheduler, scheduler_fingerprint
+
+    s = UniPCScheduler(**SD)
+    other = UniPCScheduler(**SD, solver_order=3, use_karras_sigmas=True)
+    other.set_timesteps(5)
+    s.set_plan(other.plan)
+    s.save_pretrained(tmp_path)
+    spec = bench.custom_spec(str(tmp_path))
+    built = spec.build(SD)
+    built.set_timesteps(5)
+    assert built.plan.fingerprint() == other.plan.fingerprint()
+    loaded = resolve_scheduler(str(tmp_path), dict(SD))
+    assert set(loaded.plans) == {5} and '"_plans"' in scheduler_fingerprint(loaded)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        resolve_scheduler(str(tmp_path), dict(SD), {"solver_order": 2})

@@ -84,7 +84,16 @@ def resolve_scheduler_class(name: str) -> type:
 
 
 def resolve_scheduler(name: str, base_config: dict, overrides: dict | None = None):
-    """An instance of scheduler ``name`` with the pipeline's noise schedule (``from_config``) and ``overrides``."""
+    """An instance of scheduler ``name`` with the pipeline's noise schedule (``from_config``) and ``overrides``;
+    or, when ``name`` is a saved scheduler folder (e.g. a tuned one), that scheduler with its plans."""
+    if Path(name).is_dir():
+        if overrides:
+            raise ValueError(f"options {sorted(overrides)} cannot be combined with the scheduler folder {name}")
+        class_name = json.loads((Path(name) / "scheduler_config.json").read_text())["_class_name"]
+        import fastsampler
+
+        cls = getattr(fastsampler, class_name, None) or resolve_scheduler_class(class_name)
+        return cls.from_pretrained(name)
     return resolve_scheduler_class(name).from_config(dict(base_config), **(overrides or {}))
 
 
@@ -198,8 +207,12 @@ def _json_default(value: Any) -> Any:
 
 
 def scheduler_fingerprint(scheduler) -> str:
-    """The scheduler's full config as canonical JSON (without diffusers' bookkeeping keys ``_*``)."""
+    """The scheduler's full config as canonical JSON (without diffusers' bookkeeping keys ``_*``), plus the
+    fingerprints of the plans installed in it (a tuned scheduler), if any."""
     config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
+    plans = getattr(scheduler, "plans", None)
+    if plans:
+        config["_plans"] = {str(n): p.fingerprint() for n, p in sorted(plans.items())}
     return json.dumps(config, sort_keys=True, default=_json_default)
 
 

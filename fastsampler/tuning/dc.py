@@ -31,9 +31,8 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-import numpy as np
 import torch
 from scipy.optimize import minimize_scalar
 from tqdm.auto import tqdm

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from fastsampler.plans.format import OUT_NEXT, OUT_REGISTERS, OUT_STORE, SRC_P, SRC_X, SRC_Z, Plan, src_register, src_slot
+from fastsampler.plans.format import OUT_NEXT, OUT_REGISTERS, OUT_STORE, SRC_X, Plan, src_register, src_slot
 
 Model = Callable[[torch.Tensor, float | torch.Tensor], torch.Tensor]
 
@@ -80,7 +80,7 @@ def advance(plan: Plan, state: RunState, model_output: torch.Tensor, store: torc
     i = state.step
     level = min(state.taken, plan.levels - 1)
     coef = plan.coef[level, i] if coef is None else coef
-    r, k = plan.num_registers, plan.slots
+    r = plan.num_registers
     p = prediction(plan, i, state.x, model_output, out_map) if p is None else p
     slot = int(plan.write_slot[i])
     sources: list[torch.Tensor | None] = [state.x, p, None, *state.registers, *state.history]

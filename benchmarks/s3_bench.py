@@ -1,0 +1,135 @@
+"""S³ and learned time points on the exact digits mixture, next to DC-Solver, our best fixed option and diffusers.
+
+For unguided and guidance 7.5 sampling (SD preset), per NFE 4, 5, 6, 8, 10: ``fastsampler.tune(method="s3")``
+(starting from UniPC bh2 order 3, ``--budget`` candidates) and ``fastsampler.tune(method="timesteps")`` (learned
+grid for UniPC bh2-3) fit on ``--fit-samples`` noises of seed ``--fit-seed`` (1000); the tuned scheduler folders
+and the DC ratio files of ``benchmarks/dc_bench.py`` (run it first) are then benchmarked with every diffusers
+scheduler and our best fixed option (UniPC bh2-3 ending at σ_min) on the bench's held-out noises (seed 0, batch
+256). Writes ``benchmarks/results/s3_bench/`` (tables, JSON, summary.md with ratios to the best diffusers scheduler
+and the search cost per configuration).
+
+    python benchmarks/s3_bench.py          # ~20 min on 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import fastsampler
+from fastsampler.eval import bench as bench_lib
+from fastsampler.eval import gmm
+from fastsampler.tuning.model import MixtureDenoiserModel
+from ratio_tables import ratio_rows, ratio_table
+
+HERE = Path(__file__).resolve().parent / "results"
+NFES = (4, 5, 6, 8, 10)
+
+
+def tune_all(method: str, guidance: float | None, args, out: Path, **options) -> tuple[Path, dict]:
+    """Tune UniPC bh2-3 with ``method`` at every NFE; save the scheduler folder holding all the plans."""
+    config = bench_lib.preset_config(args.preset)
+    scheduler = fastsampler.UniPCScheduler.from_config(config, solver_order=3)
+    setup = bench_lib.BenchSetup(args.preset, None, guidance, args.fit_samples, args.fit_seed)
+    model = MixtureDenoiserModel(gmm.MixtureModel.from_scheduler_config(setup.denoiser(), config))
+    noise = setup.noise().double()
+    folder = out / "tuned" / f"{method}_g{guidance}"
+    tuned, cost = None, {}
+    for n in NFES:
+        began = time.perf_counter()
+        result = fastsampler.tune(scheduler, model, noise, n, method=method, progress=False,
+                                  checkpoint_dir=out / ".checkpoints" / f"{method}_g{guidance}", **options)
+        report = result.tuning_report["steps"][n]
+        cost[n] = {"seconds": time.perf_counter() - began, "model_evaluations": report["model_evaluations"]}
+        for key in ("baseline_score", "best_score", "evaluated", "screened_out", "loss_initial", "loss_final_grid"):
+            if key in report:
+                cost[n][key] = report[key]
+        tuned = result if tuned is None else tuned
+        tuned.set_plan(result.plans[n])
+        print(f"{method} g={guidance} NFE {n}: {cost[n]}", flush=True)
+    tuned.save_pretrained(folder)
+    return folder, cost
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="sd")
+    parser.add_argument("--fit-samples", type=int, default=64)
+    parser.add_argument("--fit-seed", type=int, default=1000)
+    parser.add_argument("--budget", type=int, default=200, help="S3 candidates per NFE")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--out", type=Path, default=HERE / "s3_bench")
+    parser.add_argument("--dc", type=Path, default=HERE / "dc_bench", help="dc_bench.py's output (ratio files)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    summary = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "machine": f"{platform.processor() or platform.machine()}, torch threads 1",
+               "args": {k: str(v) for k, v in vars(args).items()}, "runs": {}}
+    for guidance in (None, 7.5):
+        s3_folder, s3_cost = tune_s3(guidance, args)
+        ts_folder, ts_cost = tune_all("timesteps", guidance, args, args.out, iters=40)
+        specs = bench_lib.select_solvers("diffusers/*,fs/unipc-bh2-3,fs/unipc-bh2-3-smin",
+                                         bench_lib.preset_config(args.preset))
+        dc_file = args.dc / f"ratios_dpmpp-2m_g{guidance}.json"
+        if dc_file.exists():
+            specs.append(bench_lib.custom_spec(f"DPMSolverPlusPlusScheduler:dc_ratios_file={dc_file}"))
+        specs += [bench_lib.custom_spec(str(s3_folder)), bench_lib.custom_spec(str(ts_folder))]
+        setup = bench_lib.BenchSetup(args.preset, None, guidance, args.batch_size, 0)
+        result = bench_lib.run_bench(setup, specs, NFES, progress=False)
+        bench_lib.write_outputs(result, args.out / f"g{guidance}")
+        table = ratio_rows(result, NFES)
+        summary["runs"][str(guidance)] = {"table": table, "cost": {"s3": s3_cost, "timesteps": ts_cost}}
+        print(bench_lib.format_table(result), flush=True)
+        (args.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    (args.out / "summary.md").write_text(markdown(summary))
+
+
+def tune_s3(guidance, args):
+    """S3 with a budget of ``--budget`` candidates per NFE (the budget is in model evaluations: × NFE)."""
+    config = bench_lib.preset_config(args.preset)
+    scheduler = fastsampler.UniPCScheduler.from_config(config, solver_order=3)
+    setup = bench_lib.BenchSetup(args.preset, None, guidance, args.fit_samples, args.fit_seed)
+    model = MixtureDenoiserModel(gmm.MixtureModel.from_scheduler_config(setup.denoiser(), config))
+    noise = setup.noise().double()
+    tuned, cost = None, {}
+    for n in NFES:
+        began = time.perf_counter()
+        result = fastsampler.tune(scheduler, model, noise, n, method="s3", progress=False,
+                                  checkpoint_dir=args.out / ".checkpoints" / f"s3_g{guidance}",
+                                  budget_evaluations=args.budget * n, warmup=24, round_size=8, keep=2)
+        report = result.tuning_report["steps"][n]
+        cost[n] = {k: report[k] for k in ("baseline_score", "best_score", "evaluated", "screened_out",
+                                          "model_evaluations")}
+        cost[n]["seconds"] = time.perf_counter() - began
+        tuned = result if tuned is None else tuned
+        tuned.set_plan(result.plans[n])
+        print(f"s3 g={guidance} NFE {n}: {cost[n]}", flush=True)
+    folder = args.out / "tuned" / f"s3_g{guidance}"
+    tuned.save_pretrained(folder)
+    return folder, cost
+
+
+def markdown(summary: dict) -> str:
+    lines = [f"# S³ and learned time points on the exact digits mixture ({summary['date']}, {summary['machine']})",
+             "", "RMSE against the exact ODE solution on the bench's held-out noises (seed 0, batch 256); every tuned "
+             "method fitted on other noises. Ratio = RMSE / best diffusers scheduler's RMSE at that NFE. "
+             "`python benchmarks/s3_bench.py`", ""]
+    for guidance, run in summary["runs"].items():
+        lines += [f"## guidance {guidance}", "", *ratio_table(run["table"], lambda s: s.split("/")[-1][:60])]
+        lines += ["", "Search cost per NFE (seconds, model evaluations on the fitting batch):", ""]
+        for method, cost in run["cost"].items():
+            lines.append(f"- {method}: " + ", ".join(f"NFE {n}: {c['seconds']:.0f} s / {c['model_evaluations']}"
+                                                      for n, c in cost.items()))
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
