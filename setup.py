@@ -1,5 +1,7 @@
 from setuptools import find_packages, setup
 
+NOTEBOOKS = ["jupytext>=1.16", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29", "ipywidgets>=8.1"]
+
 setup(
     name="fastsampler",
     version="0.1.0",
@@ -24,7 +26,9 @@ setup(
         "triton": ["triton>=3.0"],
         "fid": ["torchmetrics>=1.4", "torch-fidelity"],
         "pipelines": ["transformers>=4.40", "accelerate"],
-        "test": ["pytest>=7", "triton>=3.0", "torchmetrics>=1.4", "transformers>=4.40", "accelerate"],
+        # notebooks/: jupytext turns the percent scripts into notebooks, nbclient runs them on an ipykernel kernel
+        "notebooks": NOTEBOOKS,
+        "test": ["pytest>=7", "triton>=3.0", "torchmetrics>=1.4", "transformers>=4.40", "accelerate", *NOTEBOOKS],
     },
     entry_points={"console_scripts": ["fastsampler=fastsampler.cli:main"]},
 )

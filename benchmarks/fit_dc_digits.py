@@ -6,7 +6,9 @@
   ``digits_cond_unipc-bh2-2.json`` and the cascade-polynomial-regression file ``digits_cond_unipc-bh2-2_cpr.json``
   fitted on the whole (NFE, guidance) grid (other NFE / guidance scales: ``dc_cpr_file`` + ``dc_guidance_scale``).
 
-Fitting noises: ``--samples`` (16) noises from seed ``--seed`` (1000; FID and the bench use other seeds), labels
+Schedulers are ``from_config(pipe.scheduler.config, timestep_spacing="trailing", …)`` — the spacing our FID sweeps
+use (with the pipelines' "leading" one, 5 steps start at t = 801, not from pure noise); the files record it, and a
+scheduler with another spacing gets a warning. Fitting noises: ``--samples`` (16) noises from seed ``--seed`` (1000; FID and the bench use other seeds), labels
 i mod 10. Teacher: DPM-Solver++ 3M, 200 evaluations. Search: the official gradient search (AdamW, 20 iterations).
 Teacher trajectories and search checkpoints are cached, so a rerun resumes. Records timing per configuration in
 benchmarks/results/dc_fit_digits.json.
@@ -34,11 +36,12 @@ GUIDANCE = (1.5, 4.0, 7.5)
 GUIDED_BASES = ("unipc-bh2-2",)
 BASES = {"unipc-bh2-2": {"solver_order": 2, "solver_type": "bh2"},
          "unipc-bh1-3": {"solver_order": 3, "solver_type": "bh1"}}
+SPACING = {"timestep_spacing": "trailing"}  # every step count starts at t = 999 (as the FID sweeps sample)
 RESULTS = Path(__file__).resolve().parent / "results" / "dc_fit_digits.json"
 
 
 def fit(pipe, base: str, guidance: float | None, noise: torch.Tensor, labels: list[int] | None, work: Path) -> tuple[list, float]:
-    scheduler = fastsampler.UniPCScheduler.from_config(pipe.scheduler.config, **BASES[base])
+    scheduler = fastsampler.UniPCScheduler.from_config(pipe.scheduler.config, **SPACING, **BASES[base])
     began = time.perf_counter()
     tuned = fastsampler.tune(scheduler, pipe, noise, list(NFES), guidance_scale=guidance, class_labels=labels,
                              checkpoint_dir=work / f"{base}_g{guidance}", progress=False)
@@ -68,7 +71,7 @@ def main() -> None:
     cond = load_digits_cond_pipeline()
     for base in BASES:
         entries, seconds = fit(uncond, base, None, noise, None, args.work)
-        config = fastsampler.UniPCScheduler.from_config(uncond.scheduler.config, **BASES[base]).config
+        config = fastsampler.UniPCScheduler.from_config(uncond.scheduler.config, **SPACING, **BASES[base]).config
         write_ratio_file(args.out / f"digits_ddpm_{base}.json", entries, config,
                          note=f"benchmarks/fit_dc_digits.py, {args.samples} noises seed {args.seed}")
         record["configurations"].append({"model": "digits_ddpm", "base": base, "seconds": seconds, "entries": entries})
@@ -82,7 +85,7 @@ def main() -> None:
             record["configurations"].append({"model": "digits_cond_ddpm", "base": base, "guidance_scale": g,
                                              "seconds": seconds, "entries": entries})
             print(f"digits_cond_ddpm {base} g={g}: {seconds:.0f} s", flush=True)
-        config = fastsampler.UniPCScheduler.from_config(cond.scheduler.config, **BASES[base]).config
+        config = fastsampler.UniPCScheduler.from_config(cond.scheduler.config, **SPACING, **BASES[base]).config
         write_ratio_file(args.out / f"digits_cond_{base}.json", grid, config,
                          note=f"benchmarks/fit_dc_digits.py, {args.samples} noises seed {args.seed}")
         write_cpr_file(args.out / f"digits_cond_{base}_cpr.json", fit_cpr(grid, ridge=1e-6), config,

@@ -2,8 +2,8 @@
 
 For the unconditional digits DDPM and the guided model at guidance 1.5 and 4, ``fastsampler.tune(method="s3")``
 searches a USF schedule and grid per NFE on ``--samples`` fitting noises (seed ``--seed``, 1000: FID and the bench
-use other seeds) against a 200-evaluation teacher, starting from UniPC bh1 order 3 (our best fixed solver on this
-model) with the given model-evaluation budget per NFE. Each model gets a scheduler folder holding the plans for all
+use other seeds), keeping the best on ``--validation-samples`` held-out noises (seed 2000) of its best candidates, against a 200-evaluation teacher, starting from UniPC bh1 order 3 (our best fixed solver on this
+model; ``timestep_spacing="trailing"``, as the FID sweeps sample) with the given model-evaluation budget per NFE. Each model gets a scheduler folder holding the plans for all
 NFEs, loaded by name:
 
     pipe.scheduler = fastsampler.S3Scheduler.from_pretrained(fastsampler.assets("digits-s3"))
@@ -37,6 +37,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--seed", type=int, default=1000)
+    parser.add_argument("--validation-samples", type=int, default=32,
+                        help="held-out noises (seed + 1000) choosing among the best candidates")
     parser.add_argument("--budget", type=int, default=120, help="candidates per NFE (× NFE model evaluations)")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--out", type=Path, default=assets_dir() / "s3")
@@ -50,15 +52,18 @@ def main() -> None:
         record["runs"] = json.loads(RESULTS.read_text()).get("runs", {})
     noise = torch.randn(args.samples, 1, 16, 16, generator=torch.Generator().manual_seed(args.seed))
     labels = [i % 10 for i in range(args.samples)]
+    held = torch.randn(args.validation_samples, 1, 16, 16, generator=torch.Generator().manual_seed(args.seed + 1000)) \
+        if args.validation_samples else None
     for name in args.models.split(","):
         guidance = MODELS[name]
         pipe = load_digits_pipeline() if guidance is None else load_digits_cond_pipeline()
-        scheduler = fastsampler.UniPCScheduler.from_config(pipe.scheduler.config, solver_order=3, solver_type="bh1")
+        scheduler = fastsampler.UniPCScheduler.from_config(pipe.scheduler.config, solver_order=3, solver_type="bh1",
+                                                           timestep_spacing="trailing")
         tuned, seconds = None, {}
         for n in NFES:
             began = time.perf_counter()
             result = fastsampler.tune(scheduler, pipe, noise, n, method="s3", guidance_scale=guidance,
-                                      class_labels=None if guidance is None else labels,
+                                      class_labels=None if guidance is None else labels, validation_noise=held,
                                       checkpoint_dir=args.work / name, progress=False,
                                       budget_evaluations=args.budget * n, warmup=24, round_size=8, keep=2)
             seconds[n] = time.perf_counter() - began

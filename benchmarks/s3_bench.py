@@ -2,13 +2,14 @@
 
 For unguided and guidance 7.5 sampling (SD preset), per NFE 4, 5, 6, 8, 10: ``fastsampler.tune(method="s3")``
 (starting from UniPC bh2 order 3, ``--budget`` candidates) and ``fastsampler.tune(method="timesteps")`` (learned
-grid for UniPC bh2-3) fit on ``--fit-samples`` noises of seed ``--fit-seed`` (1000); the tuned scheduler folders
+grid for UniPC bh2-3) fit on ``--fit-samples`` noises of seed ``--fit-seed`` (1000), choosing among their
+candidates on ``--validation-samples`` noises of seed ``--validation-seed`` (2000); the tuned scheduler folders
 and the DC ratio files of ``benchmarks/dc_bench.py`` (run it first) are then benchmarked with every diffusers
 scheduler and our best fixed option (UniPC bh2-3 ending at σ_min) on the bench's held-out noises (seed 0, batch
 256). Writes ``benchmarks/results/s3_bench/`` (tables, JSON, summary.md with ratios to the best diffusers scheduler
 and the search cost per configuration).
 
-    python benchmarks/s3_bench.py          # ~20 min on 2 CPU cores
+    python benchmarks/s3_bench.py          # ~1 h on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import platform
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -32,36 +34,48 @@ HERE = Path(__file__).resolve().parent / "results"
 NFES = (4, 5, 6, 8, 10)
 
 
-def tune_all(method: str, guidance: float | None, args, out: Path, **options) -> tuple[Path, dict]:
-    """Tune UniPC bh2-3 with ``method`` at every NFE; save the scheduler folder holding all the plans."""
+def tune_all(method: str, guidance: float | None, args, options_for: Callable[[int], dict]) -> tuple[Path, dict]:
+    """Tune UniPC bh2-3 with ``method`` at every NFE (options per NFE from ``options_for``), choosing among the
+    candidates on ``--validation-samples`` held-out noises; save the scheduler folder holding all the plans."""
     config = bench_lib.preset_config(args.preset)
     scheduler = fastsampler.UniPCScheduler.from_config(config, solver_order=3)
-    setup = bench_lib.BenchSetup(args.preset, None, guidance, args.fit_samples, args.fit_seed)
-    model = MixtureDenoiserModel(gmm.MixtureModel.from_scheduler_config(setup.denoiser(), config))
-    noise = setup.noise().double()
-    folder = out / "tuned" / f"{method}_g{guidance}"
+    model, noise = _mixture(args, guidance, args.fit_samples, args.fit_seed)
+    held_model, held_noise = _mixture(args, guidance, args.validation_samples, args.validation_seed) \
+        if args.validation_samples else (None, None)
     tuned, cost = None, {}
     for n in NFES:
         began = time.perf_counter()
         result = fastsampler.tune(scheduler, model, noise, n, method=method, progress=False,
-                                  checkpoint_dir=out / ".checkpoints" / f"{method}_g{guidance}", **options)
+                                  checkpoint_dir=args.out / ".checkpoints" / f"{method}_g{guidance}",
+                                  validation_noise=held_noise, validation_model=held_model, **options_for(n))
         report = result.tuning_report["steps"][n]
         cost[n] = {"seconds": time.perf_counter() - began, "model_evaluations": report["model_evaluations"]}
-        for key in ("baseline_score", "best_score", "evaluated", "screened_out", "loss_initial", "loss_final_grid"):
+        for key in ("baseline_score", "best_score", "evaluated", "screened_out", "loss_initial", "loss_final_grid",
+                    "holdout_initial", "holdout_final", "holdout_baseline", "holdout_best"):
             if key in report:
                 cost[n][key] = report[key]
         tuned = result if tuned is None else tuned
         tuned.set_plan(result.plans[n])
         print(f"{method} g={guidance} NFE {n}: {cost[n]}", flush=True)
+    folder = args.out / "tuned" / f"{method}_g{guidance}"
     tuned.save_pretrained(folder)
     return folder, cost
+
+
+def _mixture(args, guidance: float | None, batch: int, seed: int):
+    config = bench_lib.preset_config(args.preset)
+    setup = bench_lib.BenchSetup(args.preset, None, guidance, batch, seed)
+    return MixtureDenoiserModel(gmm.MixtureModel.from_scheduler_config(setup.denoiser(), config)), setup.noise().double()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="sd")
-    parser.add_argument("--fit-samples", type=int, default=64)
+    parser.add_argument("--fit-samples", type=int, default=256)
     parser.add_argument("--fit-seed", type=int, default=1000)
+    parser.add_argument("--validation-samples", type=int, default=128,
+                        help="held-out noises that choose among the candidates (0: none)")
+    parser.add_argument("--validation-seed", type=int, default=2000)
     parser.add_argument("--budget", type=int, default=200, help="S3 candidates per NFE")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--out", type=Path, default=HERE / "s3_bench")
@@ -73,8 +87,9 @@ def main() -> None:
                "machine": f"{platform.processor() or platform.machine()}, torch threads 1",
                "args": {k: str(v) for k, v in vars(args).items()}, "runs": {}}
     for guidance in (None, 7.5):
-        s3_folder, s3_cost = tune_s3(guidance, args)
-        ts_folder, ts_cost = tune_all("timesteps", guidance, args, args.out, iters=40)
+        s3_folder, s3_cost = tune_all("s3", guidance, args, lambda n: dict(
+            budget_evaluations=args.budget * n, warmup=24, round_size=8, keep=2))
+        ts_folder, ts_cost = tune_all("timesteps", guidance, args, lambda n: dict(iters=40))
         specs = bench_lib.select_solvers("diffusers/*,fs/unipc-bh2-3,fs/unipc-bh2-3-smin",
                                          bench_lib.preset_config(args.preset))
         dc_file = args.dc / f"ratios_dpmpp-2m_g{guidance}.json"
@@ -91,39 +106,14 @@ def main() -> None:
     (args.out / "summary.md").write_text(markdown(summary))
 
 
-def tune_s3(guidance, args):
-    """S3 with a budget of ``--budget`` candidates per NFE (the budget is in model evaluations: × NFE)."""
-    config = bench_lib.preset_config(args.preset)
-    scheduler = fastsampler.UniPCScheduler.from_config(config, solver_order=3)
-    setup = bench_lib.BenchSetup(args.preset, None, guidance, args.fit_samples, args.fit_seed)
-    model = MixtureDenoiserModel(gmm.MixtureModel.from_scheduler_config(setup.denoiser(), config))
-    noise = setup.noise().double()
-    tuned, cost = None, {}
-    for n in NFES:
-        began = time.perf_counter()
-        result = fastsampler.tune(scheduler, model, noise, n, method="s3", progress=False,
-                                  checkpoint_dir=args.out / ".checkpoints" / f"s3_g{guidance}",
-                                  budget_evaluations=args.budget * n, warmup=24, round_size=8, keep=2)
-        report = result.tuning_report["steps"][n]
-        cost[n] = {k: report[k] for k in ("baseline_score", "best_score", "evaluated", "screened_out",
-                                          "model_evaluations")}
-        cost[n]["seconds"] = time.perf_counter() - began
-        tuned = result if tuned is None else tuned
-        tuned.set_plan(result.plans[n])
-        print(f"s3 g={guidance} NFE {n}: {cost[n]}", flush=True)
-    folder = args.out / "tuned" / f"s3_g{guidance}"
-    tuned.save_pretrained(folder)
-    return folder, cost
-
-
 def markdown(summary: dict) -> str:
     lines = [f"# S³ and learned time points on the exact digits mixture ({summary['date']}, {summary['machine']})",
              "", "RMSE against the exact ODE solution on the bench's held-out noises (seed 0, batch 256); every tuned "
-             "method fitted on other noises. Ratio = RMSE / best diffusers scheduler's RMSE at that NFE. "
+             "method fitted (and chose among its candidates) on other noises. Ratio = RMSE / best diffusers scheduler's RMSE at that NFE. "
              "`python benchmarks/s3_bench.py`", ""]
     for guidance, run in summary["runs"].items():
         lines += [f"## guidance {guidance}", "", *ratio_table(run["table"], lambda s: s.split("/")[-1][:60])]
-        lines += ["", "Search cost per NFE (seconds, model evaluations on the fitting batch):", ""]
+        lines += ["", "Search cost per NFE (wall seconds, model evaluations of the fitting and held-out batches):", ""]
         for method, cost in run["cost"].items():
             lines.append(f"- {method}: " + ", ".join(f"NFE {n}: {c['seconds']:.0f} s / {c['model_evaluations']}"
                                                       for n, c in cost.items()))

@@ -171,6 +171,11 @@ def test_ratio_and_cpr_files_round_trip_and_warn_on_mismatch(tmp_path, sample):
     assert s.plan.to_dict()["meta"]["transforms"][0]["ratios"] == [1.0, 1.0, 1.1, 1.1, 1.1, 1.1]
     with pytest.raises(ValueError, match="dc_guidance_scale"):
         UniPCScheduler(**SD, dc_cpr_file=str(cpr_path)).set_timesteps(6)
+    # outside the (NFE, guidance) range it was fitted on, the regression extrapolates: a warning names the range
+    with pytest.warns(RuntimeWarning, match="extrapolates"):
+        UniPCScheduler(**SD, dc_cpr_file=str(cpr_path), dc_guidance_scale=15.0).set_timesteps(6)
+    with pytest.warns(RuntimeWarning, match="NFE 6–6"):
+        UniPCScheduler(**SD, dc_cpr_file=str(cpr_path), dc_guidance_scale=7.5).set_timesteps(8)
 
 
 @pytest.mark.parametrize("kwargs,match", [

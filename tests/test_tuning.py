@@ -116,18 +116,36 @@ def test_s3_search_improves_on_its_starting_point_and_resumes_identically(tmp_pa
     assert report.history == sorted(report.history, reverse=True)
     assert plan.meta["scheduler"] == "S3Scheduler" and report.screened_out > 0
 
-    calls = {"n": 0}
+    class Dying:
+        """The same model (same cache key: the same study), killed mid-way through a candidate."""
 
-    def dying(x, t):
-        calls["n"] += 1
-        if calls["n"] == 4 * 17 + 2:  # mid-way through a candidate in a screened round
-            raise KeyboardInterrupt
-        return model(x, t)
+        calls = 0
+
+        def cache_key(self) -> str:
+            return model.cache_key()
+
+        def __call__(self, x, t):
+            Dying.calls += 1
+            if Dying.calls == 4 * 17 + 2:  # mid-way through a candidate in a screened round
+                raise KeyboardInterrupt
+            return model(x, t)
 
     with pytest.raises(KeyboardInterrupt):
-        search_schedule(s, dying, noise, target, search, tmp_path / "b.log", progress=False)
+        search_schedule(s, Dying(), noise, target, search, tmp_path / "b.log", progress=False)
     resumed, report_b = search_schedule(s, model, noise, target, search, tmp_path / "b.log", progress=False)
     assert resumed.fingerprint() == plan.fingerprint()
+    # the finished candidates were not evaluated again
+    assert report_b.model_evaluations < report.model_evaluations - 4 * 10
+    # other fitting noises in the same journal: a study of their own, never the scores of the first
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    _, other = mixture(s.config, 16, 1001)
+    other_target = teacher_trajectories(s, model, other, TeacherSpec(steps=40), progress=False)[-1]
+    _, report_c = search_schedule(s, model, other, other_target, search, tmp_path / "b.log", progress=False)
+    assert report_c.model_evaluations >= 4 * 30  # a full search of its own budget, not a finished study resumed
+    assert len(optuna.get_all_study_names(JournalStorage(JournalFileBackend(str(tmp_path / "b.log"))))) == 2
     assert report_b.history == report.history and report_b.evaluated == report.evaluated
 
 
@@ -160,7 +178,11 @@ def test_two_workers_search_one_study(tmp_path):
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    study = optuna.load_study(study_name="s3-4", storage=JournalStorage(JournalFileBackend(str(tmp_path / "s3_study.log"))))
+    storage = JournalStorage(JournalFileBackend(str(tmp_path / "s3_study.log")))
+    names = optuna.get_all_study_names(storage)
+    searched = [name for name in names if name.startswith("s3-4-")]
+    assert len(searched) == 1  # one study for the search's key, shared by both workers
+    study = optuna.load_study(study_name=searched[0], storage=storage)
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert 24 <= len(complete) <= 24 + 2 * 2  # the budget, overshot by at most one round's kept candidates per worker
     assert len({t.number for t in study.trials}) == len(study.trials)
@@ -179,6 +201,29 @@ def test_s3_tune_returns_an_s3_scheduler_that_saves_and_loads(tmp_path):
     # the searched plan also runs in a plain UniPCScheduler (plans are data)
     u = UniPCScheduler(**SD)
     u.set_plan(tuned.plans[4])
+
+
+@pytest.mark.parametrize("method", ["timesteps", "s3"])
+def test_held_out_noises_choose_the_candidate(method):
+    """With ``validation_noise`` the tuned plan is the candidate best on the held-out noises: never worse there
+    than the scheduler's own plan, and its held-out loss is the one the report states."""
+    from fastsampler.tuning.api import validation_loss
+
+    s = UniPCScheduler(**SD)
+    model, noise = mixture(s.config, 8, 1000, guidance=7.5)
+    held_model, held = mixture(s.config, 16, 2000, guidance=7.5)
+    options = dict(iters=6, lr=0.05) if method == "timesteps" else dict(budget_evaluations=4 * 20, warmup=8,
+                                                                         round_size=4, keep=2, validate_top=4)
+    tuned = fastsampler.tune(s, model, noise, 4, method=method, cache_dir=None, progress=False,
+                             validation_noise=held, validation_model=held_model, **options)
+    entry = tuned.tuning_report["steps"][4]
+    assert entry["validation_loss_tuned"] <= entry["validation_loss_plain"] * (1 + 1e-12)
+    chosen = entry["holdout_final"] if method == "timesteps" else entry["holdout_best"]
+    assert chosen == pytest.approx(entry["validation_loss_tuned"], rel=1e-5)
+    if method == "timesteps":
+        assert len(entry["holdout_losses"]) == 7 and entry["holdout_initial"] == entry["holdout_losses"][0]
+    else:
+        assert entry["holdout_baseline"] == pytest.approx(entry["validation_loss_plain"], rel=1e-5)
 
 
 def test_karras_nodes_keep_the_ends():
@@ -222,6 +267,37 @@ def test_cli_tune_writes_a_loadable_scheduler_folder(tmp_path):
     assert json.loads((out / "dc_ratios.json").read_text())["entries"][0]["num_steps"] == 4
     report = json.loads((out / "tune_report.json").read_text())
     assert report["runs"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,extra", [("s3", ["--budget", "24"]), ("timesteps", ["--iters", "2", "--lr", "0.02"])])
+def test_cli_tune_searches_and_learns(tmp_path, method, extra):
+    from fastsampler.eval.digits import pipeline_dir
+
+    out = tmp_path / "tuned"
+    done = subprocess.run([sys.executable, "-m", "fastsampler.cli", "tune", "--pipeline", str(pipeline_dir("eps")),
+                           "--method", method, "--steps", "4", "--num-samples", "4", "--validation-samples", "4",
+                           "--teacher", "dpmsolver++3:30", "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
+                           "--no-progress", *extra], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    cls = S3Scheduler if method == "s3" else UniPCScheduler
+    loaded = cls.from_pretrained(out)
+    assert set(loaded.plans) == {4}
+    entry = json.loads((out / "tune_report.json").read_text())["runs"]["None"]["steps"]["4"]
+    assert entry["validation_loss_tuned"] <= entry["validation_loss_plain"] * (1 + 1e-12)
+    assert "held-out" in done.stdout
+
+
+def test_cli_tune_refuses_options_of_another_method():
+    from click.testing import CliRunner
+
+    from fastsampler.cli import main
+    from fastsampler.eval.digits import pipeline_dir
+
+    result = CliRunner().invoke(main, ["tune", "--pipeline", str(pipeline_dir("eps")), "--method", "dc", "--steps",
+                                       "4", "--budget", "100", "--out", "/nonexistent/never"])
+    assert result.exit_code != 0 and "--budget" in result.output and "--method dc" in result.output
 
 
 def test_shipped_assets_by_name():

@@ -6,8 +6,10 @@
 ``scheduler``: one of ours, configured for the model (``from_config(pipe.scheduler.config)``). ``model``: a callable
 ``model(x, t)`` returning the output in the scheduler's ``prediction_type`` (``fastsampler.tuning.model`` has
 adapters), or a diffusers pipeline (then ``prompt`` / ``negative_prompt`` / ``guidance_scale`` / ``class_labels``
-choose its conditions). ``noise``: the fitting noises (B, …) — tuning is judged on other noises
-(``validation_noise`` reports that). ``num_inference_steps``: one step count or several; the tuned scheduler holds
+choose its conditions). ``noise``: the fitting noises (B, …) — tuning is judged on other noises:
+``validation_noise`` reports the losses there, and for ``"timesteps"`` and ``"s3"`` it also chooses among the
+candidates the search produced (the learned grid's iterates; S³'s best candidates), which guards against a
+candidate that fits only the fitting noises. ``num_inference_steps``: one step count or several; the tuned scheduler holds
 a plan for each (``scheduler.plans``) and saves them in its folder.
 
 Methods: ``"dc"`` (DC-Solver's compensation ratios, ``fastsampler.tuning.dc``), ``"timesteps"`` (learned
@@ -31,6 +33,7 @@ import torch
 
 from fastsampler.eval.distributed import DistContext, distributed_context
 from fastsampler.tuning.dc import DCSearch, dc_plan, search_ratios
+from fastsampler.tuning.holdout import Holdout
 from fastsampler.tuning.model import from_pipeline
 from fastsampler.tuning.teacher import TeacherSpec, teacher_trajectories
 
@@ -80,7 +83,7 @@ def validation_loss(scheduler, model: Callable, noise: torch.Tensor, teacher: Te
     return float((final.double() - reference.double()).pow(2).mean())
 
 
-def _tune_dc(student, fit_model, noise, reference, n, options: dict, checkpoint_dir, progress):
+def _tune_dc(student, fit_model, noise, reference, n, options: dict, checkpoint_dir, progress, holdout, ctx):
     search = DCSearch(method=options.get("search", "gradient"), iters=options.get("iters", 20),
                       lr=options.get("lr", 0.1), weight_decay=options.get("weight_decay", 0.0),
                       bounds=tuple(options.get("bounds", (0.3, 1.7))), order=options.get("dc_order", 2),
@@ -90,21 +93,20 @@ def _tune_dc(student, fit_model, noise, reference, n, options: dict, checkpoint_
     return dc_plan(student, result.ratios, search.order), asdict(result), asdict(search)
 
 
-def _tune_timesteps(student, fit_model, noise, reference, n, options: dict, checkpoint_dir, progress):
+def _tune_timesteps(student, fit_model, noise, reference, n, options: dict, checkpoint_dir, progress, holdout, ctx):
     from fastsampler.tuning.timesteps import TimestepSearch, learn_timesteps
 
-    search = TimestepSearch(iters=options.get("iters", 40), lr=options.get("lr", 0.05),
-                            fd_step=options.get("fd_step", 1e-5))
+    search = TimestepSearch(**{k: options[k] for k in ("iters", "lr", "fd_step") if k in options})
     checkpoint = Path(checkpoint_dir) / f"timesteps_{n}.json" if checkpoint_dir is not None else None
-    plan, result = learn_timesteps(student, fit_model, noise, reference[-1], search, checkpoint, progress)
+    plan, result = learn_timesteps(student, fit_model, noise, reference[-1], search, checkpoint, progress, holdout)
     return plan, asdict(result), asdict(search)
 
 
-def _tune_s3(student, fit_model, noise, reference, n, options: dict, checkpoint_dir, progress):
+def _tune_s3(student, fit_model, noise, reference, n, options: dict, checkpoint_dir, progress, holdout, ctx):
     from fastsampler.tuning.s3 import S3Search, search_schedule
 
     fields = {k: options[k] for k in ("budget_evaluations", "budget_seconds", "warmup", "round_size", "keep",
-                                      "max_order", "search_grid", "seed") if k in options}
+                                      "max_order", "search_grid", "seed", "validate_top") if k in options}
     if "grid_power_range" in options:
         fields["grid_power_range"] = tuple(options["grid_power_range"])
     search = S3Search(**fields)
@@ -112,14 +114,14 @@ def _tune_s3(student, fit_model, noise, reference, n, options: dict, checkpoint_
     if storage is None and checkpoint_dir is not None:
         storage = Path(checkpoint_dir) / "s3_study.log"
     plan, result = search_schedule(student, fit_model, noise, reference[-1], search, storage,
-                                   options.get("scorer"), f"s3-{n}", progress)
+                                   options.get("scorer"), None, progress, holdout, ctx.barrier)
     return plan, asdict(result), asdict(search)
 
 
 _METHODS = {"dc": (_tune_dc, {"search", "iters", "lr", "weight_decay", "bounds", "dc_order", "objective"}),
             "timesteps": (_tune_timesteps, {"iters", "lr", "fd_step"}),
             "s3": (_tune_s3, {"budget_evaluations", "budget_seconds", "warmup", "round_size", "keep", "max_order",
-                              "search_grid", "grid_power_range", "seed", "storage", "scorer"})}
+                              "search_grid", "grid_power_range", "seed", "storage", "scorer", "validate_top"})}
 
 
 def _result_class(scheduler, method: str) -> type:
@@ -135,15 +137,20 @@ def tune(scheduler, model, noise: torch.Tensor, num_inference_steps: int | Seque
          prompt: str | Sequence[str] | None = None, negative_prompt: str | Sequence[str] | None = None,
          guidance_scale: float | None = None, class_labels: Sequence[int] | torch.Tensor | None = None,
          teacher: TeacherSpec | dict | str | None = None, validation_noise: torch.Tensor | None = None,
+         validation_model: Callable | None = None,
          cache_dir: str | Path | None = "default", checkpoint_dir: str | Path | None = None,
          progress: bool = True, dist: DistContext | None = None, **options: Any):
     """Fit ``scheduler`` to ``model`` at each ``num_inference_steps``; returns a new scheduler of the same class.
 
     ``method="dc"`` options: ``search`` ("gradient" | "scan"), ``iters``, ``lr``, ``weight_decay``, ``bounds``,
     ``dc_order``, ``objective`` ("next" | "final") (``fastsampler.tuning.dc.DCSearch``). ``method="timesteps"``: ``iters``, ``lr``, ``fd_step``
-    (``fastsampler.tuning.timesteps.TimestepSearch``). The returned scheduler's ``tuning_report`` holds, per step
+    (``fastsampler.tuning.timesteps.TimestepSearch``). ``method="s3"``: ``budget_evaluations``, ``budget_seconds``,
+    ``warmup``, ``round_size``, ``keep``, ``max_order``, ``search_grid``, ``grid_power_range``, ``seed``,
+    ``validate_top``, ``storage``, ``scorer`` (``fastsampler.tuning.s3.S3Search``). The returned scheduler's ``tuning_report`` holds, per step
     count, what was fitted and the losses on the fitting noises before and after, and — with
-    ``validation_noise`` — on held-out noises.
+    ``validation_noise`` — on held-out noises. A model callable that carries per-sample conditions for the fitting
+    batch needs ``validation_model``, the same model conditioned for the held-out batch (a pipeline is adapted to
+    either batch by itself).
     """
     if method not in _METHODS:
         raise ValueError(f"`method` must be one of {tuple(_METHODS)}, got {method!r}")
@@ -160,8 +167,11 @@ def tune(scheduler, model, noise: torch.Tensor, num_inference_steps: int | Seque
     cache = default_cache_dir() if cache_dir == "default" else (Path(cache_dir) if cache_dir is not None else None)
     fit_model = _frozen(_model(model, noise.shape[0], prompt, negative_prompt, guidance_scale, class_labels))
     held_out = None
+    if validation_model is not None and validation_noise is None:
+        raise ValueError("`validation_model` is the model for `validation_noise`: pass both")
     if validation_noise is not None:
-        held_out = _frozen(_model(model, validation_noise.shape[0], prompt, negative_prompt, guidance_scale,
+        held_out = _frozen(validation_model if validation_model is not None else
+                           _model(model, validation_noise.shape[0], prompt, negative_prompt, guidance_scale,
                                   class_labels))
     if not hasattr(fit_model, "cache_key") and cache is not None:
         cache = None  # no identity for the model: never reuse a cached teacher
@@ -176,7 +186,13 @@ def tune(scheduler, model, noise: torch.Tensor, num_inference_steps: int | Seque
     for n in steps:
         student.set_timesteps(n, device=noise.device)
         reference = teacher_trajectories(student, fit_model, noise, spec, cache, ctx=ctx, progress=progress)
-        plan, entry, settings = fit(student, fit_model, noise, reference, n, options, checkpoint_dir, progress)
+        holdout = None
+        if held_out is not None and method != "dc":  # the held-out noises also choose among the candidates
+            target = teacher_trajectories(student, held_out, validation_noise, spec, cache, ctx=ctx,
+                                          progress=progress)[-1]
+            holdout = Holdout(held_out, validation_noise, target)
+        plan, entry, settings = fit(student, fit_model, noise, reference, n, options, checkpoint_dir, progress,
+                                    holdout, ctx)
         ctx.barrier()
         tuned.set_plan(plan)
         if held_out is not None:

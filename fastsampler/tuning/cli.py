@@ -1,11 +1,13 @@
 """`fastsampler tune`: fit a scheduler to a local diffusers pipeline and write a scheduler folder.
 
-    fastsampler tune --pipeline DIR --method dc --steps 5,6,8 [--guidance-scale 7.5] [--prompts FILE] --out DIR
+    fastsampler tune --pipeline DIR --method dc|s3|timesteps --steps 5,6,8 [--guidance-scale 7.5] [--prompts FILE]
+                     [--validation-samples 64] --out DIR
 
 With one guidance scale, ``--out`` is a scheduler folder (``pipe.scheduler = UniPCScheduler.from_pretrained(DIR)``)
 holding a tuned plan per step count; with several (``--guidance-scale 1.5,4,7.5``) each gets its folder
 ``DIR/g<scale>``, and ``DIR`` also holds the ratio file ``dc_ratios.json`` and, from three or more (NFE, CFG)
-pairs, the cascade-polynomial-regression file ``dc_cpr.json`` (for ``dc_ratios_file`` / ``dc_cpr_file``). A report
+pairs, the cascade-polynomial-regression file ``dc_cpr.json`` (for ``dc_ratios_file`` / ``dc_cpr_file``) —
+these two for ``--method dc``; ``--method s3`` writes ``S3Scheduler`` folders. A report
 (``tune_report.json``) records losses, ratios, timings and the command. Teacher trajectories are cached and the
 search checkpoints, so a killed run resumes; under ``torchrun`` the teacher is computed sharded.
 """
@@ -21,6 +23,39 @@ import click
 import torch
 
 from fastsampler.eval.spec import parse_scheduler
+
+
+def _method_options(method: str, search: str, iters: int | None, lr: float | None, budget: int | None,
+                    budget_seconds: float | None) -> dict:
+    """``fastsampler.tune`` options from the command line, refusing those the method does not take."""
+    given = {"--iters": iters, "--lr": lr, "--budget": budget, "--budget-seconds": budget_seconds}
+    allowed = {"dc": {"--iters", "--lr"}, "timesteps": {"--iters", "--lr"}, "s3": {"--budget", "--budget-seconds"}}
+    wrong = sorted(k for k, v in given.items() if v is not None and k not in allowed[method])
+    if wrong:
+        raise click.UsageError(f"{', '.join(wrong)} do(es) not apply to --method {method} "
+                               f"(it takes {', '.join(sorted(allowed[method]))})")
+    if method == "s3":
+        options = {"budget_evaluations": budget, "budget_seconds": budget_seconds}
+        if budget is None and budget_seconds is not None:
+            options["budget_evaluations"] = None  # the wall time alone bounds the search
+        return {k: v for k, v in options.items() if v is not None or k == "budget_evaluations" and budget_seconds}
+    options = {"iters": iters, "lr": lr} | ({"search": search} if method == "dc" else {})
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def _summary(method: str, entry: dict) -> str:
+    cost = f"({entry['seconds']:.1f} s, {entry['model_evaluations']} model calls)"
+    held = ""
+    if "validation_loss_tuned" in entry:
+        held = f"; held-out {entry['validation_loss_plain']:.4g} → {entry['validation_loss_tuned']:.4g}"
+    if method == "dc":
+        return (f"ratios {[round(r, 3) for r in entry['ratios']]}, fitting loss {entry['final_loss_plain']:.4g} → "
+                f"{entry['final_loss_tuned']:.4g}{held} {cost}")
+    if method == "timesteps":
+        return (f"timesteps {[round(t) for t in entry['timesteps_learned']]}, fitting loss "
+                f"{entry['loss_initial']:.4g} → {entry['loss_final_grid']:.4g}{held} {cost}")
+    return (f"best score {entry['baseline_score']:.4g} → {entry['best_score']:.4g} ({entry['evaluated']} evaluated, "
+            f"{entry['screened_out']} screened out){held} {cost}")
 
 
 def _floats(text: str | None) -> list[float | None]:
@@ -57,7 +92,7 @@ def _noise(pipe, num: int, seed: int, device: str) -> torch.Tensor:
 
 @click.command("tune")
 @click.option("--pipeline", "pipeline_dir", required=True, help="Local diffusers pipeline folder.")
-@click.option("--method", type=click.Choice(["dc"]), default="dc", show_default=True)
+@click.option("--method", type=click.Choice(["dc", "s3", "timesteps"]), default="dc", show_default=True)
 @click.option("--steps", required=True, help="Comma-separated step counts, e.g. 5,6,8.")
 @click.option("--guidance-scale", default=None, help="Guidance scale(s), comma-separated (class- or text-conditional).")
 @click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -69,7 +104,15 @@ def _noise(pipe, num: int, seed: int, device: str) -> torch.Tensor:
 @click.option("--num-samples", type=click.IntRange(min=1), default=10, show_default=True, help="Fitting noises.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--search", type=click.Choice(["gradient", "scan"]), default="gradient", show_default=True)
-@click.option("--iters", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--iters", type=click.IntRange(min=1), default=None,
+              help="Iterations (dc: 20, timesteps: 40 by default).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Step size (dc, timesteps).")
+@click.option("--budget", type=click.IntRange(min=1), default=None,
+              help="S3: model evaluations per step count (default 3000).")
+@click.option("--budget-seconds", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="S3: wall-time budget per step count.")
+@click.option("--validation-samples", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Held-out noises (seed + 1) reported and, for s3/timesteps, choosing among the candidates.")
 @click.option("--teacher", default="dpmsolver++3:200", show_default=True, help="SOLVER:STEPS (dpmsolver++3 or ddim).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--cache-dir", default=None, help="Teacher cache (default: $FASTSAMPLER_CACHE or ~/.cache/fastsampler).")
@@ -77,9 +120,11 @@ def _noise(pipe, num: int, seed: int, device: str) -> torch.Tensor:
 @click.option("--no-progress", is_flag=True)
 def tune(pipeline_dir: str, method: str, steps: str, guidance_scale: str | None, prompts_file: str | None,
          negative_prompt: str | None, class_labels: str | None, scheduler_spec: str, num_samples: int, seed: int,
-         search: str, iters: int, teacher: str, device: str, cache_dir: str | None, out_dir: str,
+         search: str, iters: int | None, lr: float | None, budget: int | None, budget_seconds: float | None,
+         validation_samples: int, teacher: str, device: str, cache_dir: str | None, out_dir: str,
          no_progress: bool) -> None:
-    """Fit a fastsampler scheduler to a pipeline's model (DC-Solver ratios) and write a scheduler folder."""
+    """Fit a fastsampler scheduler to a pipeline's model (DC-Solver ratios, an S3 schedule or learned time points)
+    and write a scheduler folder."""
     from fastsampler.eval.distributed import distributed_context, select_device
     from fastsampler.tuning.api import default_cache_dir, tune as tune_fn
     from fastsampler.tuning.cpr import fit_cpr, write_cpr_file, write_ratio_file
@@ -99,6 +144,8 @@ def tune(pipeline_dir: str, method: str, steps: str, guidance_scale: str | None,
     elif is_class_conditional:
         labels = [i % (int(pipe.unet.config.num_class_embeds) - 1) for i in range(num_samples)]
     noise = _noise(pipe, num_samples, seed, device)
+    validation = _noise(pipe, validation_samples, seed + 1, device) if validation_samples else None
+    options = _method_options(method, search, iters, lr, budget, budget_seconds)
     out = Path(out_dir)
     scales = _floats(guidance_scale)
     entries, report = [], {"command": " ".join(sys.argv), "pipeline": pipeline_dir, "method": method,
@@ -109,21 +156,22 @@ def tune(pipeline_dir: str, method: str, steps: str, guidance_scale: str | None,
         target = out if len(scales) == 1 else out / f"g{scale:g}"
         tuned = tune_fn(scheduler, pipe, noise, step_counts, method, prompt=prompts, negative_prompt=negative_prompt,
                         guidance_scale=scale, class_labels=labels, teacher=teacher, cache_dir=cache,
-                        checkpoint_dir=target / ".checkpoints", progress=not no_progress, search=search, iters=iters)
+                        checkpoint_dir=target / ".checkpoints", progress=not no_progress,
+                        validation_noise=validation, **options)
         if ctx.is_main:
             tuned.save_pretrained(target)
         for n, entry in tuned.tuning_report["steps"].items():
-            entries.append({"num_steps": n, "guidance_scale": scale, "ratios": entry["ratios"]})
-            click.echo(f"guidance {scale}, {n} steps: ratios {[round(r, 3) for r in entry['ratios']]}, fitting loss "
-                       f"{entry['final_loss_plain']:.4g} → {entry['final_loss_tuned']:.4g} "
-                       f"({entry['seconds']:.1f} s, {entry['model_evaluations']} model calls)")
+            if method == "dc":
+                entries.append({"num_steps": n, "guidance_scale": scale, "ratios": entry["ratios"]})
+            click.echo(f"guidance {scale}, {n} steps: {_summary(method, entry)}")
         report["runs"][str(scale)] = tuned.tuning_report
-    if ctx.is_main:
+    if ctx.is_main and method == "dc":
         config = dict(_scheduler_for(pipe, scheduler_spec).config)
         write_ratio_file(out / "dc_ratios.json", entries, config, note=f"fastsampler tune on {pipeline_dir}")
         pairs = {(e["num_steps"], e["guidance_scale"]) for e in entries if e["guidance_scale"] is not None}
         if len(pairs) >= 3:
             write_cpr_file(out / "dc_cpr.json", fit_cpr(entries, ridge=1e-6), config, sorted(pairs))
+    if ctx.is_main:
         report["seconds"] = time.perf_counter() - began
         (out / "tune_report.json").write_text(json.dumps(report, indent=1, default=str))
         click.echo(f"wrote {out} in {report['seconds']:.1f} s")

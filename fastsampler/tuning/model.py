@@ -245,8 +245,8 @@ def from_pipeline(pipe, batch_size: int, *, prompt: str | Sequence[str] | None =
         labels = None
         if class_labels is not None:
             labels = torch.as_tensor(class_labels, dtype=torch.int64).reshape(-1)
-            if len(labels) != batch_size:
-                labels = labels.repeat_interleave(max(1, batch_size // len(labels)))[:batch_size]
+            if len(labels) != batch_size:  # cycled to the batch (a balanced list stays balanced)
+                labels = labels.repeat(-(-batch_size // len(labels)))[:batch_size]
         return UNetDenoiser(unet, labels, guidance_scale if labels is not None else None)
     prompts = _repeat(prompt, batch_size)
     negatives = _repeat(negative_prompt if negative_prompt is not None else "", batch_size)

@@ -5,7 +5,7 @@ than the predictions a run from the start has), the prediction expanded (data or
 first-derivative estimate (none, DPM-Solver-2's, UniPC bh1/bh2's), the corrector (none or the pseudo-corrector,
 with its relaxation; not on the last step), per schedule the analytical first step, and the grid: the scheduler's
 own, or Karras-spaced noise levels between its ends with a searched exponent ``grid_power`` (1: uniform in ρ;
-larger: denser at low noise). The search starts from the scheduler's own solver where the space contains it
+larger: denser at low noise), ending at the scheduler's final level or at the smallest trained one (σ_min). The search starts from the scheduler's own solver where the space contains it
 (UniPC, DPM-Solver++ 1–2M and exact 3M), so its result is never worse on the fitting noises. A candidate is scored by the mean squared error of its samples from the fitting noises
 against the teacher's final states (or by a user ``scorer`` of the samples, e.g. a small-sample FID), costing N
 model evaluations.
@@ -24,6 +24,8 @@ are seeded by the trial number, so a resumed search proposes exactly what an uni
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import socket
@@ -42,6 +44,8 @@ from fastsampler.samplers.rules import Nodes, compile_plan
 from fastsampler.samplers.usf import USF
 from fastsampler.samplers.usf_schedule import USFSchedule, USFStep
 from fastsampler.schedules.grids import Grid
+from fastsampler.tuning.holdout import Holdout
+from fastsampler.tuning.model import tensor_digest
 from fastsampler.tuning.runner import advance, start
 
 
@@ -58,8 +62,11 @@ class S3Search:
     search_grid: bool = True
     grid_power_range: tuple[float, float] = (1.0, 12.0)
     seed: int = 0
+    validate_top: int = 8  # with held-out noises: this many best candidates (and the baseline) are scored on them
 
     def __post_init__(self) -> None:
+        if self.validate_top < 1:
+            raise ValueError(f"S3 search: `validate_top` must be ≥ 1, got {self.validate_top}")
         if self.budget_evaluations is None and self.budget_seconds is None:
             raise ValueError("S3 search needs a budget: `budget_evaluations` and/or `budget_seconds`")
         if not 1 <= self.keep <= self.round_size:
@@ -79,35 +86,51 @@ class S3Report:
     model_evaluations: int = 0
     seconds: float = 0.0
     history: list[float] = field(default_factory=list)  # best score after each evaluated candidate
+    holdout_baseline: float = math.nan  # with held-out noises: the baseline's and the chosen candidate's loss there
+    holdout_best: float = math.nan
+
+
+@dataclass(frozen=True)
+class GridChoice:
+    """The searched grid: the scheduler's own nodes (``power`` None) or Karras-spaced ones with exponent ``power``;
+    the final level the scheduler's own (``final="own"``) or the smallest trained noise level (``"sigma_min"``)."""
+
+    power: float | None = None
+    final: str = "own"
+
+
+def grid_nodes(scheduler, n: int, choice: GridChoice) -> Nodes:
+    """The nodes of ``choice`` between the scheduler's current grid's first node and its last positive one."""
+    plan = scheduler.plan
+    rho = np.asarray(plan.rho, dtype=np.float64)
+    own_final = float(rho[-1])
+    final = own_final if choice.final == "own" else scheduler.training_rho_range()[0]
+    if choice.power is None:
+        nodes, timesteps = rho[:-1].copy(), np.asarray(plan.timesteps, dtype=np.float64)
+    else:
+        lo = float(rho[-2]) if own_final == 0.0 else own_final
+        hi, p = float(rho[0]), choice.power
+        ramp = np.linspace(0.0, 1.0, n) if own_final == 0.0 else np.linspace(0.0, 1.0, n + 1)[:-1]
+        nodes = (hi ** (1 / p) + ramp * (lo ** (1 / p) - hi ** (1 / p))) ** p
+        nodes[0] = hi
+        timesteps = scheduler.model_timesteps(nodes)
+        if scheduler.timesteps.dtype == torch.int64:
+            timesteps = np.round(timesteps)
+    if final > 0.0 and nodes[-1] <= final:
+        final = 0.0  # the grid already reaches the smallest level: a σ_min end would repeat it
+    return Nodes.from_grid(Grid(timesteps, np.append(nodes, final), plan.flow))
 
 
 def karras_nodes(scheduler, n: int, power: float) -> Nodes:
-    """n nodes Karras-spaced (exponent ``power``) between the scheduler's current grid's first node and its
-    last positive one, the scheduler's final level after them."""
-    plan = scheduler.plan
-    flow = plan.flow
-    rho = np.asarray(plan.rho, dtype=np.float64)
-    final = float(rho[-1])
-    lo = float(rho[-2]) if final == 0.0 else final
-    hi = float(rho[0])
-    if final == 0.0:
-        ramp = np.linspace(0.0, 1.0, n)
-    else:
-        ramp = np.linspace(0.0, 1.0, n + 1)[:-1]
-    nodes = (hi ** (1 / power) + ramp * (lo ** (1 / power) - hi ** (1 / power))) ** power
-    nodes[0] = hi
-    all_rho = np.append(nodes, final)
-    timesteps = scheduler.model_timesteps(nodes)
-    if scheduler.timesteps.dtype == torch.int64:
-        timesteps = np.round(timesteps)
-    return Nodes.from_grid(Grid(timesteps, all_rho, flow))
+    """n Karras-spaced nodes (exponent ``power``), the scheduler's own final level after them."""
+    return grid_nodes(scheduler, n, GridChoice(power))
 
 
 RELAXATIONS = ("none", "dpmsolver-2", "unipc-bh1", "unipc-bh2")
 CORRECTOR_RELAXATIONS = ("none", "unipc-bh1", "unipc-bh2")
 
 
-def _suggest(trial, n: int, search: S3Search) -> tuple[USFSchedule, float | None]:
+def _suggest(trial, n: int, search: S3Search) -> tuple[USFSchedule, GridChoice]:
     """The candidate a trial encodes: per step order, prediction, first-derivative relaxation, corrector and its
     relaxation; the analytical first step; the grid (the scheduler's own, or Karras with a searched exponent)."""
     steps = []
@@ -124,10 +147,14 @@ def _suggest(trial, n: int, search: S3Search) -> tuple[USFSchedule, float | None
                              relaxation=None if relaxation == "none" else relaxation, corrector=corrector,
                              corrector_relaxation=None if corrector_relaxation == "none" else corrector_relaxation))
     afs = trial.suggest_categorical("afs", ["none", "zero_x0"])
-    power = None
-    if search.search_grid and trial.suggest_categorical("grid", ["own", "karras"]) == "karras":
-        power = trial.suggest_float("grid_power", *search.grid_power_range)
-    return USFSchedule(tuple(steps), afs=None if afs == "none" else afs), power
+    grid = GridChoice()
+    if search.search_grid:
+        final = trial.suggest_categorical("final", ["own", "sigma_min"])
+        power = None
+        if trial.suggest_categorical("grid", ["own", "karras"]) == "karras":
+            power = trial.suggest_float("grid_power", *search.grid_power_range)
+        grid = GridChoice(power, final)
+    return USFSchedule(tuple(steps), afs=None if afs == "none" else afs), grid
 
 
 def _params(schedule: USFSchedule, search: S3Search) -> dict[str, Any]:
@@ -144,7 +171,7 @@ def _params(schedule: USFSchedule, search: S3Search) -> dict[str, Any]:
             if step.corrector == "pseudo":
                 params[f"corrector_relaxation_{i}"] = step.corrector_relaxation or "none"
     if search.search_grid:
-        params["grid"] = "own"
+        params["grid"], params["final"] = "own", "own"
     return params
 
 
@@ -174,7 +201,8 @@ def _features(params: dict[str, Any], n: int, search: S3Search) -> np.ndarray:
         row += [float(params.get(f"relaxation_{i}", "none") == r) for r in RELAXATIONS[1:]]
         row += [float(params.get(f"corrector_{i}") == "pseudo")]
         row += [float(params.get(f"corrector_relaxation_{i}", "none") == r) for r in CORRECTOR_RELAXATIONS[1:]]
-    row += [float(params.get("afs") == "zero_x0"), float(params.get("grid") == "karras")]
+    row += [float(params.get("afs") == "zero_x0"), float(params.get("grid") == "karras"),
+            float(params.get("final") == "sigma_min")]
     lo, hi = search.grid_power_range
     row += [(params.get("grid_power", lo) - lo) / (hi - lo)]
     return np.asarray(row)
@@ -192,10 +220,9 @@ class _Evaluator:
         self.scheduler, self.model, self.noise, self.target, self.scorer = scheduler, model, noise, target, scorer
         self.evaluations = 0
 
-    def plan(self, schedule: USFSchedule, power: float | None) -> Plan:
+    def plan(self, schedule: USFSchedule, grid: GridChoice) -> Plan:
         s = self.scheduler
-        nodes = karras_nodes(s, schedule.num_steps, power) if power is not None else \
-            Nodes.from_grid(Grid(s.plan.timesteps, s.plan.rho, s.plan.flow))
+        nodes = grid_nodes(s, schedule.num_steps, grid)
         meta = {"scheduler": "S3Scheduler", "schedule": s._fingerprint(nodes.timesteps), "tuned": "s3"}
         return compile_plan(USF(schedule), nodes, s.config.prediction_type, (), meta)
 
@@ -210,6 +237,16 @@ class _Evaluator:
         if self.scorer is not None:
             return float(self.scorer(state.x))
         return float((state.x.double() - self.target.double()).pow(2).mean())
+
+
+def study_key(plan: Plan, model, noise: torch.Tensor, target: torch.Tensor, search: S3Search) -> str:
+    """What a study's scores depend on (the budget aside: a rerun with a larger one continues the study), so a
+    journal shared by several searches never resumes one from another's scores."""
+    model_key = model.cache_key() if hasattr(model, "cache_key") else repr(model)
+    settings = {k: v for k, v in asdict(search).items() if k not in ("budget_evaluations", "budget_seconds")}
+    payload = json.dumps({"plan": plan.fingerprint(), "model": model_key, "noise": tensor_digest(noise),
+                          "target": tensor_digest(target), "search": settings}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def _study(storage: str | Path | None, name: str):
@@ -229,8 +266,14 @@ def _study(storage: str | Path | None, name: str):
 def search_schedule(scheduler, model: Callable, noise: torch.Tensor, target: torch.Tensor,
                     search: S3Search = S3Search(), storage: str | Path | None = None,
                     scorer: Callable[[torch.Tensor], float] | None = None, study_name: str | None = None,
-                    progress: bool = True) -> tuple[Plan, S3Report]:
-    """Search a USF schedule for the scheduler's current number of steps; returns its plan and a report."""
+                    progress: bool = True, holdout: Holdout | None = None,
+                    barrier: Callable[[], None] | None = None) -> tuple[Plan, S3Report]:
+    """Search a USF schedule for the scheduler's current number of steps; returns its plan and a report.
+
+    With ``holdout``, the ``validate_top`` best candidates on the fitting noises and the scheduler's own plan are
+    scored on the held-out noises and the best there is returned. Several workers sharing one study pass
+    ``barrier`` (all meet there once their budget is spent, so each reads the finished study and returns the same
+    plan)."""
     import optuna
     from optuna.trial import TrialState
     from sklearn.ensemble import RandomForestRegressor
@@ -241,7 +284,7 @@ def search_schedule(scheduler, model: Callable, noise: torch.Tensor, target: tor
     report = S3Report(n)
     baseline = scheduler.plan
     report.baseline_score = evaluator.score(baseline)
-    study = _study(storage, study_name or f"s3-{n}")
+    study = _study(storage, study_name or f"s3-{n}-{study_key(baseline, model, noise, target, search)}")
 
     session = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
 
@@ -255,8 +298,8 @@ def search_schedule(scheduler, model: Callable, noise: torch.Tensor, target: tor
 
     def evaluate(trial) -> float:
         try:
-            schedule, power = _suggest(trial, n, search)
-            value = evaluator.score(evaluator.plan(schedule, power))
+            schedule, grid = _suggest(trial, n, search)
+            value = evaluator.score(evaluator.plan(schedule, grid))
         except ValueError:  # a combination the space refuses (e.g. too little history)
             value = math.inf
         study.tell(trial, value if math.isfinite(value) else 1e30)
@@ -316,15 +359,30 @@ def search_schedule(scheduler, model: Callable, noise: torch.Tensor, target: tor
             bar.set_postfix(best=f"{study.best_value:.4g}", baseline=f"{report.baseline_score:.4g}")
         bar.update()
     bar.close()
-    best = study.best_trial
-    trial = optuna.trial.FixedTrial(best.params)
-    schedule, power = _suggest(trial, n, search)
-    plan = evaluator.plan(schedule, power)
-    report.best_score = best.value
-    report.best = {"schedule": schedule.to_dict(), "grid_power": power}
-    if report.best_score >= report.baseline_score:  # the search found nothing better: keep the scheduler's own plan
-        plan, report.best_score, report.best = baseline, report.baseline_score, {"baseline": True}
+    if barrier is not None:
+        barrier()  # every worker's candidates are told: all read the same finished study
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    ranked = sorted(complete, key=lambda t: (t.value, t.number))
+
+    def candidate(t) -> tuple[Plan, dict]:
+        schedule, grid = _suggest(optuna.trial.FixedTrial(t.params), n, search)
+        return evaluator.plan(schedule, grid), {"schedule": schedule.to_dict(), "grid_power": grid.power,
+                                                "final": grid.final}
+
+    plan, report.best_score, report.best = baseline, report.baseline_score, {"baseline": True}
+    if holdout is None:
+        if ranked and ranked[0].value < report.baseline_score:
+            (plan, report.best), report.best_score = candidate(ranked[0]), ranked[0].value
+    else:
+        report.holdout_baseline = report.holdout_best = holdout.loss(baseline)
+        for t in ranked[:search.validate_top]:
+            if not math.isfinite(t.value) or t.value >= 1e30:
+                continue
+            cand_plan, cand = candidate(t)
+            loss = holdout.loss(cand_plan)
+            if loss < report.holdout_best:
+                plan, report.best, report.best_score, report.holdout_best = cand_plan, cand, t.value, loss
+        evaluator.evaluations += holdout.evaluations
     report.evaluated = len(complete)
     running = math.inf
     for t in sorted(complete, key=lambda t: t.number):

@@ -152,12 +152,27 @@ def cpr_predict(coefficients: np.ndarray, num_steps: int, guidance_scale: float,
     return [float(r) for r in ratios]
 
 
+def _warn_outside(path: str, fitted_on: Sequence[Sequence[float]] | None, num_steps: int,
+                  guidance_scale: float) -> None:
+    """The regression is a quadratic: beyond the (NFE, guidance) range it was fitted on it extrapolates, and
+    extrapolated ratios can double the error (digits, w = 15 from a fit on 1.5–7.5), so say so."""
+    if not fitted_on:
+        return
+    steps, scales = [p[0] for p in fitted_on], [p[1] for p in fitted_on]
+    if not (min(steps) <= num_steps <= max(steps) and min(scales) <= guidance_scale <= max(scales)):
+        warnings.warn(f"`dc_cpr_file` {path} was fitted on NFE {min(steps)}–{max(steps)} and guidance "
+                      f"{min(scales):g}–{max(scales):g}; NFE {num_steps} at guidance {guidance_scale:g} extrapolates "
+                      "the regression (tune ratios for this setting: fastsampler.tune(..., method='dc'))",
+                      RuntimeWarning, stacklevel=4)
+
+
 def ratios_from_cpr(path: str, num_steps: int, guidance_scale: float | None,
                     options: Mapping[str, Any]) -> list[float]:
     obj = _read_json(path, CPR_FORMAT)
     _check_fitted(path, obj.get("config", {}), options)
     if guidance_scale is None:
         raise ValueError("`dc_cpr_file` needs `dc_guidance_scale` (the guidance scale the pipeline samples with)")
+    _warn_outside(path, obj.get("fitted_on"), num_steps, guidance_scale)
     return cpr_predict(np.asarray(obj["coefficients"], dtype=np.float64), num_steps, guidance_scale,
                        tuple(obj.get("clamp", CPR_CLAMP)))
 
