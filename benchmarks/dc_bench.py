@@ -2,7 +2,8 @@
 
 For each guidance setting (unguided, 7.5) and each base solver (UniPC bh2 order 2 and 3, DPM-Solver++ 2M and 3M),
 ``fastsampler.tune(method="dc")`` fits one ratio list per NFE on ``--fit-samples`` noises (seed ``--fit-seed``,
-default 1000: never the bench's seed 0) against a 200-evaluation teacher, and writes them as a ratio file. Then
+default 1000: never the bench's seed 0) against a 200-evaluation teacher, keeps them only where they also lower the
+error on ``--validation-samples`` other noises (seed 2000), and writes them as a ratio file. Then
 ``fastsampler.eval.bench`` runs, side by side and on the bench's own held-out noises (seed 0, batch 256): every
 diffusers scheduler, the plain solvers, and the same solvers with ``dc_ratios_file``. Results go to
 ``benchmarks/results/dc_bench/`` (ratio files, bench tables and JSON per guidance, and summary.md with the ratio of
@@ -27,7 +28,7 @@ from fastsampler.eval import bench as bench_lib
 from fastsampler.eval import gmm
 from fastsampler.tuning.cpr import write_ratio_file
 from fastsampler.tuning.model import MixtureDenoiserModel
-from ratio_tables import ratio_rows, ratio_table
+from ratio_tables import bench_seeds, ratio_table, seed_ratio_table
 
 RESULTS = Path(__file__).resolve().parent / "results" / "dc_bench"
 NFES = (4, 5, 6, 8, 10)
@@ -39,17 +40,22 @@ BASES = {  # name → (scheduler class, options)
 }
 
 
-def fit(preset: str, guidance: float | None, base: str, fit_samples: int, fit_seed: int, out: Path,
-        search: str, objective: str) -> tuple[Path, float, dict]:
-    cls_name, options = BASES[base]
+def _mixture(preset: str, guidance: float | None, batch: int, seed: int):
     config = bench_lib.preset_config(preset)
-    scheduler = getattr(fastsampler, cls_name).from_config(config, **options)
-    setup = bench_lib.BenchSetup(preset, None, guidance, fit_samples, fit_seed)
-    model = MixtureDenoiserModel(gmm.MixtureModel.from_scheduler_config(setup.denoiser(), config))
-    noise = setup.noise().double()
+    setup = bench_lib.BenchSetup(preset, None, guidance, batch, seed)
+    return MixtureDenoiserModel(gmm.MixtureModel.from_scheduler_config(setup.denoiser(), config)), setup.noise().double()
+
+
+def fit(preset: str, guidance: float | None, base: str, fit_samples: int, fit_seed: int, out: Path,
+        search: str, objective: str, validation: tuple[int, int]) -> tuple[Path, float, dict]:
+    cls_name, options = BASES[base]
+    scheduler = getattr(fastsampler, cls_name).from_config(bench_lib.preset_config(preset), **options)
+    model, noise = _mixture(preset, guidance, fit_samples, fit_seed)
+    held_model, held = _mixture(preset, guidance, *validation) if validation[0] else (None, None)
     began = time.perf_counter()
     tuned = fastsampler.tune(scheduler, model, noise, list(NFES), search=search, objective=objective,
-                             progress=False, checkpoint_dir=out / ".checkpoints" / f"{base}_g{guidance}_{objective}")
+                             validation_noise=held, validation_model=held_model, progress=False,
+                             checkpoint_dir=out / ".checkpoints" / f"{base}_g{guidance}_{objective}")
     seconds = time.perf_counter() - began
     entries = [{"num_steps": n, "guidance_scale": guidance, "ratios": r["ratios"]}
                for n, r in tuned.tuning_report["steps"].items()]
@@ -61,9 +67,14 @@ def fit(preset: str, guidance: float | None, base: str, fit_samples: int, fit_se
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="sd")
-    parser.add_argument("--fit-samples", type=int, default=32)
+    parser.add_argument("--fit-samples", type=int, default=64)
     parser.add_argument("--fit-seed", type=int, default=1000)
+    parser.add_argument("--validation-samples", type=int, default=128,
+                        help="held-out noises (seed --validation-seed): fitted ratios that do worse there are dropped")
+    parser.add_argument("--validation-seed", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--eval-seeds", type=lambda text: [int(v) for v in text.split(",")], default=[0, 3000, 4000, 5000],
+                        help="held-out batches (the first gets the full table)")
     parser.add_argument("--search", default="gradient", choices=("gradient", "scan"))
     parser.add_argument("--objective", default="final", choices=("next", "final"),
                         help="DC search loss: the official next-node loss, or the final sample's (default here: on "
@@ -82,20 +93,17 @@ def main() -> None:
             opts = ",".join(f"{k}={v}" for k, v in options.items())
             specs.append(bench_lib.custom_spec(f"{cls_name}:{opts}"))
             path, seconds, report = fit(args.preset, guidance, base, args.fit_samples, args.fit_seed, args.out,
-                                        args.search, args.objective)
+                                        args.search, args.objective, (args.validation_samples, args.validation_seed))
             specs.append(bench_lib.custom_spec(f"{cls_name}:{opts},dc_ratios_file={path}"))
             tuning[base] = {"seconds": seconds, "ratio_file": path.name,
                             "per_nfe": {n: {k: r[k] for k in ("ratios", "final_loss_plain", "final_loss_tuned",
-                                                              "fell_back_to_plain", "model_evaluations", "seconds")}
+                                                              "fell_back_to_plain", "model_evaluations", "seconds", "holdout_plain",
+                                                              "holdout_tuned", "kept_plain") if k in r}
                                         for n, r in report["steps"].items()}}
             print(f"g={guidance} {base}: tuned {len(NFES)} NFEs in {seconds:.1f} s", flush=True)
-        setup = bench_lib.BenchSetup(args.preset, None, guidance, args.batch_size, 0)
-        result = bench_lib.run_bench(setup, specs, NFES, progress=False)
-        folder = args.out / f"g{guidance}"
-        bench_lib.write_outputs(result, folder)
-        rows = ratio_rows(result, NFES)
-        summary["runs"][str(guidance)] = {"tuning": tuning, "table": rows}
-        print(bench_lib.format_table(result), flush=True)
+        tables = bench_seeds(args.preset, guidance, args.batch_size, args.eval_seeds, specs, NFES,
+                             args.out / f"g{guidance}")
+        summary["runs"][str(guidance)] = {"tuning": tuning, "table": tables[args.eval_seeds[0]], "seeds": tables}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     (args.out / "summary.md").write_text(markdown(summary))
 
@@ -106,7 +114,9 @@ def markdown(summary: dict) -> str:
              "on other noises (`--fit-seed`). Ratio = solver RMSE / best diffusers scheduler RMSE at that NFE "
              "(< 1: better). `python benchmarks/dc_bench.py`", ""]
     for guidance, run in summary["runs"].items():
-        lines += [f"## guidance {guidance}", "", *ratio_table(run["table"], lambda s: s.replace(str(RESULTS) + "/", ""))]
+        label = lambda s: s.replace(str(RESULTS) + "/", "")  # noqa: E731
+        lines += [f"## guidance {guidance}", "", *ratio_table(run["table"], label), "",
+                  "On every held-out batch:", "", *seed_ratio_table(run["seeds"], label)]
         lines += ["", "Tuning time (all NFEs, 2-core CPU): " + ", ".join(
             f"{b}: {t['seconds']:.0f} s" for b, t in run["tuning"].items()), ""]
     return "\n".join(lines) + "\n"

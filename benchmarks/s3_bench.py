@@ -28,7 +28,7 @@ import fastsampler
 from fastsampler.eval import bench as bench_lib
 from fastsampler.eval import gmm
 from fastsampler.tuning.model import MixtureDenoiserModel
-from ratio_tables import ratio_rows, ratio_table
+from ratio_tables import bench_seeds, ratio_table, seed_ratio_table
 
 HERE = Path(__file__).resolve().parent / "results"
 NFES = (4, 5, 6, 8, 10)
@@ -78,6 +78,8 @@ def main() -> None:
     parser.add_argument("--validation-seed", type=int, default=2000)
     parser.add_argument("--budget", type=int, default=200, help="S3 candidates per NFE")
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--eval-seeds", type=lambda text: [int(v) for v in text.split(",")], default=[0, 3000, 4000, 5000],
+                        help="held-out batches (the first gets the full table)")
     parser.add_argument("--out", type=Path, default=HERE / "s3_bench")
     parser.add_argument("--dc", type=Path, default=HERE / "dc_bench", help="dc_bench.py's output (ratio files)")
     args = parser.parse_args()
@@ -96,12 +98,10 @@ def main() -> None:
         if dc_file.exists():
             specs.append(bench_lib.custom_spec(f"DPMSolverPlusPlusScheduler:dc_ratios_file={dc_file}"))
         specs += [bench_lib.custom_spec(str(s3_folder)), bench_lib.custom_spec(str(ts_folder))]
-        setup = bench_lib.BenchSetup(args.preset, None, guidance, args.batch_size, 0)
-        result = bench_lib.run_bench(setup, specs, NFES, progress=False)
-        bench_lib.write_outputs(result, args.out / f"g{guidance}")
-        table = ratio_rows(result, NFES)
-        summary["runs"][str(guidance)] = {"table": table, "cost": {"s3": s3_cost, "timesteps": ts_cost}}
-        print(bench_lib.format_table(result), flush=True)
+        tables = bench_seeds(args.preset, guidance, args.batch_size, args.eval_seeds, specs, NFES,
+                             args.out / f"g{guidance}")
+        summary["runs"][str(guidance)] = {"table": tables[args.eval_seeds[0]], "seeds": tables,
+                                          "cost": {"s3": s3_cost, "timesteps": ts_cost}}
         (args.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     (args.out / "summary.md").write_text(markdown(summary))
 
@@ -112,7 +112,9 @@ def markdown(summary: dict) -> str:
              "method fitted (and chose among its candidates) on other noises. Ratio = RMSE / best diffusers scheduler's RMSE at that NFE. "
              "`python benchmarks/s3_bench.py`", ""]
     for guidance, run in summary["runs"].items():
-        lines += [f"## guidance {guidance}", "", *ratio_table(run["table"], lambda s: s.split("/")[-1][:60])]
+        label = lambda s: s.split("/")[-1][:60]  # noqa: E731
+        lines += [f"## guidance {guidance}", "", *ratio_table(run["table"], label), "",
+                  "On every held-out batch:", "", *seed_ratio_table(run["seeds"], label)]
         lines += ["", "Search cost per NFE (wall seconds, model evaluations of the fitting and held-out batches):", ""]
         for method, cost in run["cost"].items():
             lines.append(f"- {method}: " + ", ".join(f"NFE {n}: {c['seconds']:.0f} s / {c['model_evaluations']}"

@@ -138,14 +138,15 @@ for name in CONFIGS:
 #
 # * **Third order hurts.** UniPC bh2-3 and DPM-Solver++ 3M are worse than their second-order versions at both
 #   scales — the overshoot of `solver_anatomy.py`, on a real network.
-# * **Momentum helps where artifacts are worst.** At w = 15 heavy ball on UniPC is the closest to the reference;
-#   at w = 7.5 it does not help (UniPC: equal; DPM-Solver++ 2M: worse). Momentum makes a solver first order (the
-#   paper's Theorem 1): it trades accuracy on smooth paths for stability on violent ones, so use it at high guidance
-#   (the paper: β 0.9 / 0.8 / 0.6 at CFG 7.5 / 15 / 22.5 on Stable Diffusion). It also saturates *less than the
-#   reference*: it damps the guided path itself, not only the solver's error.
+# * **Momentum helps.** Heavy ball (β = 0.8) brings both second-order solvers closer to the reference at both
+#   scales — DPM-Solver++ 2M + heavy ball is the closest ready-made option at w = 7.5 and at w = 15 — and saturates
+#   less. Momentum makes a solver first order (the paper's Theorem 1): it trades accuracy on smooth paths for
+#   stability on violent ones, so use it at high guidance (the paper: β 0.9 / 0.8 / 0.6 at CFG 7.5 / 15 / 22.5 on
+#   Stable Diffusion). It also saturates *less than the reference*: it damps the guided path itself, not only the
+#   solver's error.
 # * **DC-Solver's CPR is only as good as its fitting range.** At w = 7.5, inside the range the shipped file was
-#   fitted on, its ratios are close to 1 and so are its images to plain UniPC's; at w = 15, outside it, the
-#   extrapolated ratios make the images break up — below we tune DC for w = 15 instead.
+#   fitted on, its ratios clearly improve on plain UniPC bh2-2; at w = 15, outside it, the extrapolated ratios make
+#   the images worse than plain (the scheduler warns) — below we tune DC for w = 15 instead.
 # * **ε scaling by 1.005** barely changes anything at this NFE.
 
 # %%

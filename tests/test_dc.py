@@ -242,3 +242,14 @@ def test_dc_plan_keeps_other_plugins_in_order():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         DCSolverScheduler(**SD, dc_ratios=[1.0, 1.0, 0.9, 1.1, 1.2]).set_timesteps(5)
+
+
+def test_a_rewritten_ratio_file_is_read_again(tmp_path, sample):
+    """Plans are cached per config; a ratio file refitted at the same path must not reuse the old plan."""
+    path = tmp_path / "r.json"
+    runs = []
+    for ratios in (RATIOS, [1.0] * 6):
+        write_ratio_file(path, [{"num_steps": 6, "guidance_scale": None, "ratios": ratios}], UniPCScheduler(**SD).config)
+        runs.append(run_loop(UniPCScheduler(**SD, dc_ratios_file=str(path)), 6, sample))
+    torch.testing.assert_close(runs[0], run_loop(UniPCScheduler(**SD, dc_ratios=RATIOS), 6, sample), rtol=0, atol=0)
+    torch.testing.assert_close(runs[1], run_loop(UniPCScheduler(**SD), 6, sample), rtol=0, atol=0)

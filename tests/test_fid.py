@@ -492,3 +492,21 @@ def test_cli_text_to_image_run_from_a_local_folder(tmp_path, ref_cache):
     assert row["guidance_scale"] == 3.0 and row["shards_generated"] == 3
     run = json.loads((Path(row["run_dir"]) / "run.json").read_text())
     assert (run["conditioning"], run["num_prompts"], run["negative_prompt"]) == ("prompts", 3, "blurry")
+
+
+def test_shard_identity_follows_files_named_by_options(tmp_path):
+    """A refitted ratio file at the same path changes the samples but not the config: the recorded scheduler
+    fingerprint holds the plan of the run's step count, so old shards are not reused."""
+    from fastsampler import UniPCScheduler
+    from fastsampler.tuning.cpr import write_ratio_file
+
+    path = tmp_path / "ratios.json"
+    fingerprints = []
+    for ratio in (1.1, 0.9):
+        write_ratio_file(path, [{"num_steps": 5, "guidance_scale": None, "ratios": [1.0, 1.0, ratio, ratio, 1.0]}],
+                         UniPCScheduler().config)
+        scheduler = UniPCScheduler(dc_ratios_file=str(path))
+        fingerprints.append(fidmod.scheduler_fingerprint(scheduler, 5))
+        assert fidmod.scheduler_fingerprint(scheduler, 5) == fingerprints[-1]  # deterministic
+    assert fingerprints[0] != fingerprints[1]
+    assert json.loads(fingerprints[0])["dc_ratios_file"] == str(path)

@@ -203,7 +203,7 @@ def test_s3_tune_returns_an_s3_scheduler_that_saves_and_loads(tmp_path):
     u.set_plan(tuned.plans[4])
 
 
-@pytest.mark.parametrize("method", ["timesteps", "s3"])
+@pytest.mark.parametrize("method", ["dc", "timesteps", "s3"])
 def test_held_out_noises_choose_the_candidate(method):
     """With ``validation_noise`` the tuned plan is the candidate best on the held-out noises: never worse there
     than the scheduler's own plan, and its held-out loss is the one the report states."""
@@ -212,15 +212,20 @@ def test_held_out_noises_choose_the_candidate(method):
     s = UniPCScheduler(**SD)
     model, noise = mixture(s.config, 8, 1000, guidance=7.5)
     held_model, held = mixture(s.config, 16, 2000, guidance=7.5)
-    options = dict(iters=6, lr=0.05) if method == "timesteps" else dict(budget_evaluations=4 * 20, warmup=8,
-                                                                         round_size=4, keep=2, validate_top=4)
+    options = {"dc": dict(search="scan", iters=3), "timesteps": dict(iters=6, lr=0.05),
+               "s3": dict(budget_evaluations=4 * 20, warmup=8, round_size=4, keep=2, validate_top=4)}[method]
     tuned = fastsampler.tune(s, model, noise, 4, method=method, cache_dir=None, progress=False,
                              validation_noise=held, validation_model=held_model, **options)
     entry = tuned.tuning_report["steps"][4]
     assert entry["validation_loss_tuned"] <= entry["validation_loss_plain"] * (1 + 1e-12)
-    chosen = entry["holdout_final"] if method == "timesteps" else entry["holdout_best"]
+    chosen = {"dc": entry.get("holdout_plain" if entry.get("kept_plain") else "holdout_tuned"),
+              "timesteps": entry.get("holdout_final"), "s3": entry.get("holdout_best")}[method]
     assert chosen == pytest.approx(entry["validation_loss_tuned"], rel=1e-5)
-    if method == "timesteps":
+    if method == "dc":
+        assert entry["holdout_plain"] == pytest.approx(entry["validation_loss_plain"], rel=1e-5)
+        if entry["kept_plain"]:  # the fitted ratios did worse on the held-out noises: none are kept
+            assert entry["ratios"] == [1.0] * 4
+    elif method == "timesteps":
         assert len(entry["holdout_losses"]) == 7 and entry["holdout_initial"] == entry["holdout_losses"][0]
     else:
         assert entry["holdout_baseline"] == pytest.approx(entry["validation_loss_plain"], rel=1e-5)

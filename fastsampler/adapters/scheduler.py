@@ -13,6 +13,7 @@ fused update (``fastsampler.kernels``): no host read of a device value, no hostâ
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import threading
@@ -70,6 +71,7 @@ class _LRU:
 
 
 _PLAN_CACHE = _LRU()
+OPTION_FILES = ("dc_ratios_file", "dc_cpr_file")  # options naming files whose contents shape the plan
 
 
 class NonFiniteModelOutputError(FloatingPointError):
@@ -394,7 +396,7 @@ class PlanScheduler(TimeShiftMixin, SchedulerMixin, ConfigMixin):
 
     def _compiled_plan(self, grid: Grid, mu: float | None) -> Plan:
         key = (type(self).__name__, repr(sorted((k, v) for k, v in self.config.items() if not k.startswith("_"))),
-               grid.timesteps.tobytes(), grid.rhos.tobytes(), grid.flow, mu)
+               grid.timesteps.tobytes(), grid.rhos.tobytes(), grid.flow, mu, self._option_file_digests())
         plan = _PLAN_CACHE.get(key)
         if plan is None:
             nodes = Nodes.from_grid(grid)
@@ -409,6 +411,19 @@ class PlanScheduler(TimeShiftMixin, SchedulerMixin, ConfigMixin):
             self._check_bounds(plan)
             _PLAN_CACHE.put(key, plan)
         return plan
+
+    def _option_file_digests(self) -> tuple:
+        """Contents of the files options name (DC ratio / CPR files): a file rewritten at the same path (a refit)
+        must not reuse the plan compiled from its old contents."""
+        digests = []
+        for option in OPTION_FILES:
+            path = self.config.get(option)
+            if path:
+                try:
+                    digests.append(hashlib.sha256(Path(path).read_bytes()).hexdigest())
+                except OSError:
+                    digests.append(None)  # the plug-in reports the missing file
+        return tuple(digests)
 
     def _bound_hint(self) -> str:
         """Which options usually cause unusable coefficients (presets name their own noise-form option)."""

@@ -37,6 +37,7 @@ input for both extractors.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib
 import inspect
@@ -206,13 +207,21 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-def scheduler_fingerprint(scheduler) -> str:
+def scheduler_fingerprint(scheduler, steps: int | None = None) -> str:
     """The scheduler's full config as canonical JSON (without diffusers' bookkeeping keys ``_*``), plus the
-    fingerprints of the plans installed in it (a tuned scheduler), if any."""
+    fingerprints of the plans installed in it (a tuned scheduler), if any, and — for one of ours and ``steps`` —
+    of the plan it runs at that step count: options that name files (``dc_ratios_file``, ``dc_cpr_file``) change
+    the samples without changing the config, so a refitted ratio file must not reuse old shards."""
     config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
     plans = getattr(scheduler, "plans", None)
     if plans:
         config["_plans"] = {str(n): p.fingerprint() for n, p in sorted(plans.items())}
+    if steps is not None and hasattr(scheduler, "set_plan"):
+        probe = copy.deepcopy(scheduler)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the run itself shows the scheduler's warnings
+            probe.set_timesteps(steps)
+        config["_plan"] = probe.plan.fingerprint()
     return json.dumps(config, sort_keys=True, default=_json_default)
 
 
@@ -228,7 +237,7 @@ def shard_metadata(spec: RunSpec, scheduler, index: int, count: int, image_shape
             "shape": json.dumps([count, *image_shape]), "dtype": str(torch.uint8), "convention": "uint8-round",
             "seed": str(spec.seed), "shard_seed": str(shard_seed(spec.seed, index)),
             "shard_size": str(spec.shard_size), "scheduler": spec.scheduler,
-            "scheduler_class": type(scheduler).__name__, "scheduler_config": scheduler_fingerprint(scheduler),
+            "scheduler_class": type(scheduler).__name__, "scheduler_config": scheduler_fingerprint(scheduler, spec.steps),
             "steps": str(spec.steps)}
     if pipeline is not None:
         meta["pipeline"] = pipeline

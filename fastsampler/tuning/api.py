@@ -7,9 +7,9 @@
 ``model(x, t)`` returning the output in the scheduler's ``prediction_type`` (``fastsampler.tuning.model`` has
 adapters), or a diffusers pipeline (then ``prompt`` / ``negative_prompt`` / ``guidance_scale`` / ``class_labels``
 choose its conditions). ``noise``: the fitting noises (B, …) — tuning is judged on other noises:
-``validation_noise`` reports the losses there, and for ``"timesteps"`` and ``"s3"`` it also chooses among the
-candidates the search produced (the learned grid's iterates; S³'s best candidates), which guards against a
-candidate that fits only the fitting noises. ``num_inference_steps``: one step count or several; the tuned scheduler holds
+``validation_noise`` reports the losses there, and also chooses among the candidates the search produced (DC: the
+fitted ratios or none; the learned grid's iterates; S³'s best candidates and the starting solver), which guards
+against a candidate that fits only the fitting noises. ``num_inference_steps``: one step count or several; the tuned scheduler holds
 a plan for each (``scheduler.plans``) and saves them in its folder.
 
 Methods: ``"dc"`` (DC-Solver's compensation ratios, ``fastsampler.tuning.dc``), ``"timesteps"`` (learned
@@ -90,7 +90,14 @@ def _tune_dc(student, fit_model, noise, reference, n, options: dict, checkpoint_
                       objective=options.get("objective", "next"))
     checkpoint = Path(checkpoint_dir) / f"dc_{n}.json" if checkpoint_dir is not None else None
     result = search_ratios(student, fit_model, noise, reference, search, checkpoint, progress)
-    return dc_plan(student, result.ratios, search.order), asdict(result), asdict(search)
+    plan, entry = dc_plan(student, result.ratios, search.order), asdict(result)
+    if holdout is not None:  # the ratios must carry over to noises they were not fitted on, else none are kept
+        entry["holdout_plain"], entry["holdout_tuned"] = holdout.loss(student.plan), holdout.loss(plan)
+        entry["kept_plain"] = entry["holdout_tuned"] >= entry["holdout_plain"]
+        if entry["kept_plain"]:
+            plan, entry["ratios"] = student.plan, [1.0] * n
+        entry["model_evaluations"] += holdout.evaluations
+    return plan, entry, asdict(search)
 
 
 def _tune_timesteps(student, fit_model, noise, reference, n, options: dict, checkpoint_dir, progress, holdout, ctx):
@@ -187,7 +194,7 @@ def tune(scheduler, model, noise: torch.Tensor, num_inference_steps: int | Seque
         student.set_timesteps(n, device=noise.device)
         reference = teacher_trajectories(student, fit_model, noise, spec, cache, ctx=ctx, progress=progress)
         holdout = None
-        if held_out is not None and method != "dc":  # the held-out noises also choose among the candidates
+        if held_out is not None:  # the held-out noises also choose among the candidates
             target = teacher_trajectories(student, held_out, validation_noise, spec, cache, ctx=ctx,
                                           progress=progress)[-1]
             holdout = Holdout(held_out, validation_noise, target)

@@ -177,7 +177,7 @@ def learn_timesteps(scheduler, model: Callable, noise: torch.Tensor, target: tor
         key += _key(scheduler.plan, holdout.model, holdout.noise, holdout.target, search)[:8]
     u = torch.tensor(family.u_from(family.interior0), dtype=torch.float64, requires_grad=True)
     optimiser = torch.optim.Adam([u], lr=search.lr)
-    best_u, best_loss, first = u.detach().clone(), math.inf, 0
+    best_u, best_loss, best_fit, first = u.detach().clone(), math.inf, math.inf, 0
     if path is not None and path.is_file():
         saved = json.loads(path.read_text())
         if saved.get("key") == key:
@@ -185,6 +185,7 @@ def learn_timesteps(scheduler, model: Callable, noise: torch.Tensor, target: tor
                 u.copy_(torch.tensor(saved["u"], dtype=torch.float64))
             _restore_adam(optimiser, saved["adam"])
             best_u, best_loss = torch.tensor(saved["best_u"], dtype=torch.float64), saved["best_loss"]
+            best_fit = saved.get("best_fit", best_loss)
             report.losses, first = saved["losses"], saved["iteration"]
             report.loss_initial = report.losses[0] if report.losses else math.nan
             report.holdout_losses = saved.get("holdout_losses", [])
@@ -206,7 +207,7 @@ def learn_timesteps(scheduler, model: Callable, noise: torch.Tensor, target: tor
             score = holdout.loss(plan)
             report.holdout_losses.append(score)
         if score < best_loss:
-            best_u, best_loss = u.detach().clone(), score
+            best_u, best_loss, best_fit = u.detach().clone(), score, value
         bar.set_postfix(loss=f"{value:.4g}", best=f"{best_loss:.4g}")
         if it < search.iters:
             loss.backward()
@@ -215,7 +216,7 @@ def learn_timesteps(scheduler, model: Callable, noise: torch.Tensor, target: tor
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             tmp.write_text(json.dumps({"key": key, "u": u.detach().tolist(), "adam": _adam_json(optimiser),  # ok-sync
-                                       "best_u": best_u.tolist(), "best_loss": best_loss,  # ok-sync
+                                       "best_u": best_u.tolist(), "best_loss": best_loss, "best_fit": best_fit,  # ok-sync
                                        "losses": report.losses, "holdout_losses": report.holdout_losses,
                                        "iteration": it + 1}))
             os.replace(tmp, path)
@@ -228,7 +229,7 @@ def learn_timesteps(scheduler, model: Callable, noise: torch.Tensor, target: tor
             state = advance(tuned, state, model(state.x, float(tuned.timesteps[i])))
     report.loss_final_grid = float((state.x.double() - target.double()).pow(2).mean())
     report.model_evaluations += tuned.num_steps
-    report.loss_best = min(report.losses) if holdout is not None else best_loss
+    report.loss_best = best_fit  # the fitting loss of the grid kept
     if holdout is not None:
         report.holdout_initial = report.holdout_losses[0]
         report.holdout_final = holdout.loss(tuned)
