@@ -510,3 +510,23 @@ def test_shard_identity_follows_files_named_by_options(tmp_path):
         assert fidmod.scheduler_fingerprint(scheduler, 5) == fingerprints[-1]  # deterministic
     assert fingerprints[0] != fingerprints[1]
     assert json.loads(fingerprints[0])["dc_ratios_file"] == str(path)
+
+
+def test_a_scheduler_folder_takes_only_options_it_already_has(tmp_path):
+    from fastsampler import UniPCScheduler
+
+    UniPCScheduler(timestep_spacing="trailing", solver_order=3).save_pretrained(tmp_path)
+    loaded = fidmod.resolve_scheduler(str(tmp_path), {}, {"timestep_spacing": "trailing"})
+    assert type(loaded) is UniPCScheduler and loaded.config.solver_order == 3
+    with pytest.raises(ValueError, match="timestep_spacing='leading' differ from the scheduler folder"):
+        fidmod.resolve_scheduler(str(tmp_path), {}, {"timestep_spacing": "leading"})
+
+
+@pytest.mark.parametrize("scheduler", ["/abs/tuned/digits_cond_g1.5", "/abs/tuned/s3/", "fastsampler.UniPCScheduler:"
+                                       "solver_order=3,dc_ratios_file=/abs/dc/ratios.json", "DDIMScheduler"])
+def test_a_run_directory_stays_inside_the_output_folder(tmp_path, scheduler):
+    key = fidmod.RunSpec(scheduler=scheduler, steps=4, scheduler_kwargs={}).key("pipe")
+    run_dir = (tmp_path / key).resolve()
+    assert run_dir.parent == tmp_path.resolve() and "/" not in key and key.endswith(key.rpartition("_")[2])
+    label = key.split("_s4_")[0]
+    assert label in {"digits_cond_g1.5", "s3", "DDIMScheduler"} or label.startswith("UniPCScheduler_solver_order=3")

@@ -43,6 +43,7 @@ import importlib
 import inspect
 import json
 import os
+import re
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -88,9 +89,14 @@ def resolve_scheduler(name: str, base_config: dict, overrides: dict | None = Non
     """An instance of scheduler ``name`` with the pipeline's noise schedule (``from_config``) and ``overrides``;
     or, when ``name`` is a saved scheduler folder (e.g. a tuned one), that scheduler with its plans."""
     if Path(name).is_dir():
-        if overrides:
-            raise ValueError(f"options {sorted(overrides)} cannot be combined with the scheduler folder {name}")
-        class_name = json.loads((Path(name) / "scheduler_config.json").read_text())["_class_name"]
+        saved = json.loads((Path(name) / "scheduler_config.json").read_text())
+        # a sweep's common options may restate what the folder holds; anything else would change the tuned scheduler
+        differing = sorted(k for k, v in (overrides or {}).items() if saved.get(k) != v)
+        if differing:
+            raise ValueError(f"options {', '.join(f'{k}={overrides[k]!r}' for k in differing)} differ from the scheduler "
+                             f"folder {name} ({', '.join(f'{k}={saved.get(k)!r}' for k in differing)}); a tuned "
+                             "scheduler runs as saved")
+        class_name = saved["_class_name"]
         import fastsampler
 
         cls = getattr(fastsampler, class_name, None) or resolve_scheduler_class(class_name)
@@ -169,7 +175,23 @@ class RunSpec:
                                                                      else {})}, sort_keys=True, default=str)
         digest = hashlib.sha256(payload.encode()).hexdigest()[:10]
         guided = "" if self.guidance_scale is None else f"_w{float(self.guidance_scale):g}"
-        return f"{self.scheduler.rpartition('.')[2]}_s{self.steps}{guided}_{digest}"
+        return f"{_spec_label(self.scheduler)}_s{self.steps}{guided}_{digest}"
+
+
+def _spec_label(scheduler: str) -> str:
+    """A readable, path-free label for a scheduler spec: a folder's own name or the class name.
+
+    A folder spec such as ``/abs/tuned_g1.5`` must not become the run directory itself (joining an absolute
+    path escapes ``out``), and the digest already keeps runs apart, so the label only has to be readable.
+    """
+    name, _, options = scheduler.partition(":")
+    if "/" in name or os.sep in name:
+        label = Path(name.rstrip("/" + os.sep)).name
+    else:
+        label = name.rpartition(".")[2]
+    if options:
+        label = f"{label}_{options}"
+    return re.sub(r"[^A-Za-z0-9_.=,+-]", "_", label)[:80]
 
 
 def shard_seed(seed: int, shard: int) -> int:
