@@ -29,15 +29,21 @@ def loop_current(s, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def test_set_plan_save_load_reproduces_the_other_scheduler(tmp_path, sample):
-    """The issue's example: a plan from another configuration, saved with a scheduler and loaded back."""
+def save_other_plan(folder: Path, sample: torch.Tensor) -> tuple[UniPCScheduler, torch.Tensor]:
+    """A default UniPC holding the 6-step plan of another configuration, saved and loaded back; and what that
+    configuration samples."""
     other = UniPCScheduler(**SD, solver_type="bh1", solver_order=3, use_karras_sigmas=True)
     expected = run_loop(other, 6, sample)
     s = UniPCScheduler(**SD)
     s.set_plan(other.plan)
-    s.save_pretrained(tmp_path)
-    assert (tmp_path / PLANS_FILE).is_file()
-    loaded = UniPCScheduler.from_pretrained(tmp_path)
+    s.save_pretrained(folder)
+    assert (folder / PLANS_FILE).is_file()
+    return UniPCScheduler.from_pretrained(folder), expected
+
+
+def test_set_plan_save_load_reproduces_the_other_scheduler(tmp_path, sample):
+    """The issue's example: a plan from another configuration, saved with a scheduler and loaded back."""
+    loaded, expected = save_other_plan(tmp_path, sample)
     loaded.set_timesteps(6)
     torch.testing.assert_close(loop_current(loaded, sample), expected, rtol=0, atol=0)
     # other step counts still come from the config, and a removed plan falls back to it too
@@ -141,3 +147,16 @@ def test_plans_file_is_plain_versioned_json(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         UniPCScheduler.from_pretrained(tmp_path)
+
+
+def test_a_scheduler_with_installed_plans_copies_and_its_copy_runs_them(tmp_path, sample):
+    """copy.deepcopy (diffusers' from_config paths, FID's plan fingerprint) must work on a tuned scheduler."""
+    import copy
+
+    from fastsampler.eval.fid import scheduler_fingerprint
+
+    loaded, expected = save_other_plan(tmp_path, sample)
+    twin = copy.deepcopy(loaded)
+    assert twin.plans[6] is loaded.plans[6]  # immutable: shared, not copied
+    torch.testing.assert_close(run_loop(twin, 6, sample), expected, rtol=0, atol=0)
+    assert scheduler_fingerprint(loaded, 6) != scheduler_fingerprint(UniPCScheduler(**SD), 6)

@@ -208,6 +208,7 @@ def test_held_out_noises_choose_the_candidate(method):
     """With ``validation_noise`` the tuned plan is the candidate best on the held-out noises: never worse there
     than the scheduler's own plan, and its held-out loss is the one the report states."""
     from fastsampler.tuning.api import validation_loss
+    from fastsampler.tuning.teacher import TeacherSpec
 
     s = UniPCScheduler(**SD)
     model, noise = mixture(s.config, 8, 1000, guidance=7.5)
@@ -221,6 +222,9 @@ def test_held_out_noises_choose_the_candidate(method):
     chosen = {"dc": entry.get("holdout_plain" if entry.get("kept_plain") else "holdout_tuned"),
               "timesteps": entry.get("holdout_final"), "s3": entry.get("holdout_best")}[method]
     assert chosen == pytest.approx(entry["validation_loss_tuned"], rel=1e-5)
+    tuned.set_timesteps(4)  # the stated held-out loss is the tuned scheduler's own, recomputed from scratch
+    recomputed = validation_loss(tuned, held_model, held, TeacherSpec(), None, False)
+    assert recomputed == pytest.approx(entry["validation_loss_tuned"], rel=1e-5)
     if method == "dc":
         assert entry["holdout_plain"] == pytest.approx(entry["validation_loss_plain"], rel=1e-5)
         if entry["kept_plain"]:  # the fitted ratios did worse on the held-out noises: none are kept

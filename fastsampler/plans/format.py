@@ -141,6 +141,13 @@ class Plan:
     registers: tuple[str, ...] = ()
     meta: Mapping[str, Any] = field(default_factory=dict)
 
+    def __copy__(self) -> "Plan":
+        return self
+
+    def __deepcopy__(self, memo: dict) -> "Plan":
+        # Immutable (read-only tables, frozen metadata): copies of a scheduler share its plans, as caches do.
+        return self
+
     def __post_init__(self) -> None:
         n = len(self.timesteps)
         r = len(self.registers)
