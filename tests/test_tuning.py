@@ -341,5 +341,6 @@ def test_bench_and_fid_take_a_tuned_scheduler_folder(tmp_path):
     assert built.plan.fingerprint() == other.plan.fingerprint()
     loaded = resolve_scheduler(str(tmp_path), dict(SD))
     assert set(loaded.plans) == {5} and '"_plans"' in scheduler_fingerprint(loaded)
-    with pytest.raises(ValueError, match="cannot be combined"):
-        resolve_scheduler(str(tmp_path), dict(SD), {"solver_order": 2})
+    assert resolve_scheduler(str(tmp_path), dict(SD), {"solver_order": 2}).plans.keys() == {5}  # its own value
+    with pytest.raises(ValueError, match="solver_order=3 differ from the scheduler folder"):
+        resolve_scheduler(str(tmp_path), dict(SD), {"solver_order": 3})
