@@ -12,6 +12,13 @@ The study journals and teacher caches make a rerun resume. Search cost (model ev
 configuration goes to benchmarks/results/s3_fit_digits.json.
 
     python benchmarks/fit_s3_digits.py               # ~40 min on 2 CPU cores
+
+``--objective fid`` scores candidates as the released S³ code does, by the FID of their samples (digits CNN
+features against the digits train split), on ``--samples`` fitting noises, and chooses among the best on as many
+held-out noises by the same FID; the folders get a ``_fid`` suffix (``fastsampler.assets("digits-s3-fid")``):
+
+    python benchmarks/fit_s3_digits.py --objective fid --samples 1000 --validation-samples 1000 \
+        --models digits_ddpm --nfes 4,5,6
 """
 
 from __future__ import annotations
@@ -33,6 +40,14 @@ RESULTS = Path(__file__).resolve().parent / "results" / "s3_fit_digits.json"
 MODELS = {"digits_ddpm": None, "digits_cond_g1.5": 1.5, "digits_cond_g4": 4.0}
 
 
+def fid_scorer(cache_dir: Path):
+    """FID (digits CNN features, digits train split) of a batch of samples in the model's [−1, 1] range."""
+    from fastsampler.eval.fid import Extractor, FIDEvaluator, to_uint8
+
+    evaluator = FIDEvaluator(Extractor.create("digits"), "digits-train", cache_dir)
+    return lambda x: evaluator([to_uint8(x)])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=32)
@@ -41,6 +56,9 @@ def main() -> None:
                         help="held-out noises (seed + 1000) choosing among the best candidates")
     parser.add_argument("--budget", type=int, default=120, help="candidates per NFE (× NFE model evaluations)")
     parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--nfes", default=",".join(map(str, NFES)))
+    parser.add_argument("--objective", choices=("mse", "fid"), default="mse",
+                        help="mse: error against the teacher; fid: FID of the samples (the released S³ criterion)")
     parser.add_argument("--out", type=Path, default=assets_dir() / "s3")
     parser.add_argument("--work", type=Path, default=Path(".cache") / "s3_fit")
     args = parser.parse_args()
@@ -54,18 +72,21 @@ def main() -> None:
     labels = [i % 10 for i in range(args.samples)]
     held = torch.randn(args.validation_samples, 1, 16, 16, generator=torch.Generator().manual_seed(args.seed + 1000)) \
         if args.validation_samples else None
-    for name in args.models.split(","):
-        guidance = MODELS[name]
+    scorer = fid_scorer(args.work / "ref_stats") if args.objective == "fid" else None
+    suffix = "_fid" if args.objective == "fid" else ""
+    for model_name in args.models.split(","):
+        guidance, name = MODELS[model_name], model_name + suffix
         pipe = load_digits_pipeline() if guidance is None else load_digits_cond_pipeline()
         scheduler = fastsampler.UniPCScheduler.from_config(pipe.scheduler.config, solver_order=3, solver_type="bh1",
                                                            timestep_spacing="trailing")
         tuned, seconds = None, {}
-        for n in NFES:
+        for n in (int(v) for v in args.nfes.split(",")):
             began = time.perf_counter()
             result = fastsampler.tune(scheduler, pipe, noise, n, method="s3", guidance_scale=guidance,
                                       class_labels=None if guidance is None else labels, validation_noise=held,
                                       checkpoint_dir=args.work / name, progress=False,
-                                      budget_evaluations=args.budget * n, warmup=24, round_size=8, keep=2)
+                                      budget_evaluations=args.budget * n, warmup=24, round_size=8, keep=2,
+                                      **({"scorer": scorer} if scorer is not None else {}))
             seconds[n] = time.perf_counter() - began
             if tuned is None:
                 tuned = result
@@ -74,7 +95,10 @@ def main() -> None:
             record["runs"].setdefault(name, {})[str(n)] = {
                 "seconds": seconds[n], "baseline_score": report["baseline_score"], "best_score": report["best_score"],
                 "evaluated": report["evaluated"], "screened_out": report["screened_out"],
-                "model_evaluations": report["model_evaluations"], "best": report["best"]}
+                "model_evaluations": report["model_evaluations"], "best": report["best"],
+                "objective": args.objective, "fit_samples": args.samples,
+                "validation_samples": args.validation_samples, "holdout_baseline": report["holdout_baseline"],
+                "holdout_best": report["holdout_best"]}
             print(f"{name} NFE {n}: {report['baseline_score']:.4g} → {report['best_score']:.4g} "
                   f"({report['evaluated']} evaluated, {report['screened_out']} screened out, {seconds[n]:.0f} s)",
                   flush=True)

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -208,7 +209,6 @@ def test_held_out_noises_choose_the_candidate(method):
     """With ``validation_noise`` the tuned plan is the candidate best on the held-out noises: never worse there
     than the scheduler's own plan, and its held-out loss is the one the report states."""
     from fastsampler.tuning.api import validation_loss
-    from fastsampler.tuning.teacher import TeacherSpec
 
     s = UniPCScheduler(**SD)
     model, noise = mixture(s.config, 8, 1000, guidance=7.5)
@@ -322,9 +322,16 @@ def test_shipped_assets_by_name():
     from fastsampler.eval.digits import load_digits_pipeline
 
     pipe = load_digits_pipeline()
-    s = UniPCScheduler.from_config(pipe.scheduler.config, dc_ratios_file=fastsampler.assets("digits-dc-ratios"))
-    s.set_timesteps(5)
+    s = UniPCScheduler.from_config(pipe.scheduler.config, dc_ratios_file=fastsampler.assets("digits-dc-ratios"),
+                                   timestep_spacing="trailing")  # the configuration they were fitted for
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # … so no mismatch warning
+        s.set_timesteps(5)
     assert s.plan.to_dict()["meta"]["transforms"][0]["name"] == "dc"
+    # on another configuration they still run, with a warning naming the difference
+    other = UniPCScheduler.from_config(s.config, timestep_spacing="leading")
+    with pytest.warns(UserWarning, match="timestep_spacing: 'trailing' there, 'leading' here"):
+        other.set_timesteps(5)
 
 
 def test_bench_and_fid_take_a_tuned_scheduler_folder(tmp_path):
@@ -344,3 +351,27 @@ def test_bench_and_fid_take_a_tuned_scheduler_folder(tmp_path):
     assert resolve_scheduler(str(tmp_path), dict(SD), {"solver_order": 2}).plans.keys() == {5}  # its own value
     with pytest.raises(ValueError, match="solver_order=3 differ from the scheduler folder"):
         resolve_scheduler(str(tmp_path), dict(SD), {"solver_order": 3})
+
+
+def test_a_scored_search_is_held_out_by_its_own_scorer():
+    """With a ``scorer`` (e.g. a small-sample FID) S³ ranks candidates by it, and the held-out selection scores the
+    held-out samples with it too, not with the teacher error the search never optimised."""
+    from fastsampler.tuning.runner import run
+
+    def scorer(x: torch.Tensor) -> float:  # prefers samples near 0.3, a criterion unrelated to the teacher
+        return float((x.double() - 0.3).pow(2).mean())
+
+    s = UniPCScheduler(**SD)
+    model, noise = mixture(s.config, 8, 1000)
+    held_model, held = mixture(s.config, 16, 2000)
+    tuned = fastsampler.tune(s, model, noise, 4, method="s3", cache_dir=None, progress=False, scorer=scorer,
+                             validation_noise=held, validation_model=held_model,
+                             budget_evaluations=4 * 16, warmup=8, round_size=4, keep=2, validate_top=4)
+    entry = tuned.tuning_report["steps"][4]
+    s.set_timesteps(4)
+    with torch.no_grad():
+        chosen, baseline = run(tuned.plans[4], held_model, held)[0], run(s.plan, held_model, held)[0]
+    assert entry["holdout_best"] == pytest.approx(scorer(chosen), rel=1e-9)
+    assert entry["holdout_baseline"] == pytest.approx(scorer(baseline), rel=1e-9)
+    assert entry["holdout_best"] <= entry["holdout_baseline"]
+    assert entry["baseline_score"] == pytest.approx(scorer(run(s.plan, model, noise)[0]), rel=1e-9)

@@ -153,7 +153,8 @@ def tune(scheduler, model, noise: torch.Tensor, num_inference_steps: int | Seque
     ``dc_order``, ``objective`` ("next" | "final") (``fastsampler.tuning.dc.DCSearch``). ``method="timesteps"``: ``iters``, ``lr``, ``fd_step``
     (``fastsampler.tuning.timesteps.TimestepSearch``). ``method="s3"``: ``budget_evaluations``, ``budget_seconds``,
     ``warmup``, ``round_size``, ``keep``, ``max_order``, ``search_grid``, ``grid_power_range``, ``seed``,
-    ``validate_top``, ``storage``, ``scorer`` (``fastsampler.tuning.s3.S3Search``). The returned scheduler's ``tuning_report`` holds, per step
+    ``validate_top``, ``storage``, ``scorer`` (``fastsampler.tuning.s3.S3Search``; a ``scorer`` of the final samples,
+    lower is better, replaces the teacher error in the search and in the held-out selection). The returned scheduler's ``tuning_report`` holds, per step
     count, what was fitted and the losses on the fitting noises before and after, and — with
     ``validation_noise`` — on held-out noises. A model callable that carries per-sample conditions for the fitting
     batch needs ``validation_model``, the same model conditioned for the held-out batch (a pipeline is adapted to
@@ -197,7 +198,7 @@ def tune(scheduler, model, noise: torch.Tensor, num_inference_steps: int | Seque
         if held_out is not None:  # the held-out noises also choose among the candidates
             target = teacher_trajectories(student, held_out, validation_noise, spec, cache, ctx=ctx,
                                           progress=progress)[-1]
-            holdout = Holdout(held_out, validation_noise, target)
+            holdout = Holdout(held_out, validation_noise, target, scorer=options.get("scorer"))
         plan, entry, settings = fit(student, fit_model, noise, reference, n, options, checkpoint_dir, progress,
                                     holdout, ctx)
         ctx.barrier()

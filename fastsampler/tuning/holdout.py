@@ -3,7 +3,9 @@
 A search that fits a few parameters to a small batch of fitting noises can prefer a candidate that is excellent on
 those noises and unstable on others (a learned grid that sends a few guided samples far off, say). Scoring the
 candidates a search produced on noises it never fitted, and keeping the best of those, bounds that: the tuned plan
-is the candidate that generalises best among those tried, the scheduler's own plan included.
+is the candidate that generalises best among those tried, the scheduler's own plan included. A search scored by a
+user ``scorer`` of the samples (S³'s small-sample FID, say) is held out by the same scorer: the selection must
+measure what the search optimised, on other noises.
 """
 
 from __future__ import annotations
@@ -20,18 +22,23 @@ from fastsampler.tuning.runner import run
 
 @dataclass
 class Holdout:
-    """The model (conditioned for the held-out batch), the held-out noises and the teacher's final states on them."""
+    """The model (conditioned for the held-out batch), the held-out noises, the teacher's final states on them and,
+    optionally, the search's own ``scorer`` of samples (lower is better)."""
 
     model: Callable
     noise: torch.Tensor
     target: torch.Tensor
     evaluations: int = 0
+    scorer: Callable[[torch.Tensor], float] | None = None
 
     def loss(self, plan: Plan) -> float:
-        """Mean squared error of ``plan``'s samples against the teacher on the held-out noises (inf if not finite)."""
+        """``scorer`` of ``plan``'s samples from the held-out noises, or their mean squared error against the
+        teacher (inf if not finite)."""
         with torch.no_grad():
             final, _ = run(plan, self.model, self.noise)
         self.evaluations += plan.num_steps
         if not torch.isfinite(final).all():
             return math.inf
+        if self.scorer is not None:
+            return float(self.scorer(final))
         return float((final.double() - self.target.double()).pow(2).mean())  # ok-sync: tuning, host side
