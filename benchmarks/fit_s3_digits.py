@@ -79,7 +79,10 @@ def main() -> None:
         pipe = load_digits_pipeline() if guidance is None else load_digits_cond_pipeline()
         scheduler = fastsampler.UniPCScheduler.from_config(pipe.scheduler.config, solver_order=3, solver_type="bh1",
                                                            timestep_spacing="trailing")
-        tuned, seconds = None, {}
+        # a folder from an earlier run keeps its plans for the NFEs this run does not search
+        tuned = fastsampler.S3Scheduler.from_pretrained(args.out / name) \
+            if (args.out / name / "scheduler_config.json").is_file() else None
+        seconds = {}
         for n in (int(v) for v in args.nfes.split(",")):
             began = time.perf_counter()
             result = fastsampler.tune(scheduler, pipe, noise, n, method="s3", guidance_scale=guidance,
@@ -92,6 +95,9 @@ def main() -> None:
                 tuned = result
             tuned.set_plan(result.plans[n])
             report = result.tuning_report["steps"][n]
+            earlier = record["runs"].get(name, {}).get(str(n), {})
+            if earlier.get("objective", "mse") == args.objective and earlier.get("seconds", 0.0) > seconds[n]:
+                seconds[n] = earlier["seconds"]  # a resumed search: its cost is the original run's
             record["runs"].setdefault(name, {})[str(n)] = {
                 "seconds": seconds[n], "baseline_score": report["baseline_score"], "best_score": report["best_score"],
                 "evaluated": report["evaluated"], "screened_out": report["screened_out"],
@@ -102,8 +108,11 @@ def main() -> None:
             print(f"{name} NFE {n}: {report['baseline_score']:.4g} → {report['best_score']:.4g} "
                   f"({report['evaluated']} evaluated, {report['screened_out']} screened out, {seconds[n]:.0f} s)",
                   flush=True)
+            # merge into what is on disk now: other runs of this script (other models) may have written meanwhile
+            on_disk = json.loads(RESULTS.read_text()).get("runs", {}) if RESULTS.exists() else {}
+            record["runs"] = {**on_disk, name: record["runs"][name]}
             RESULTS.write_text(json.dumps(record, indent=1, default=str))
-        tuned.save_pretrained(args.out / name)
+            tuned.save_pretrained(args.out / name)  # after every NFE: an interrupted run keeps what it finished
 
 
 if __name__ == "__main__":

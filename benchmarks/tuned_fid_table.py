@@ -12,11 +12,13 @@ per seed, which is far less noisy than the spread of the absolute values.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import click
 
-# (label, scheduler class or folder name, options that identify the row, label of the base row or None)
+# (label, scheduler class or a regular expression for a folder path, options that identify the row, label of
+# the base row or None)
 ROWS: list[tuple[str, str, dict, str | None]] = [
     ("diffusers DPM-Solver++ 2M", "DPMSolverMultistepScheduler", {}, None),
     ("diffusers UniPC bh2-2", "UniPCMultistepScheduler", {}, None),
@@ -29,14 +31,15 @@ ROWS: list[tuple[str, str, dict, str | None]] = [
      "UniPC bh1-3 (best fixed option)"),
     ("DC on UniPC bh2-2 (shipped ratios at this guidance)", "fastsampler.UniPCScheduler",
      {"dc_ratios_file": "bh2-2", "dc_guidance_scale": ""}, "diffusers UniPC bh2-2"),
-    ("S³ (shipped plans)", "s3/", {}, "UniPC bh1-3 (best fixed option)"),
+    ("S³, teacher error (shipped plans)", r"s3/digits_(ddpm|cond_g[0-9.]+)$", {}, "UniPC bh1-3 (best fixed option)"),
+    ("S³, FID-scored (shipped plans)", r"s3/digits_(ddpm|cond_g[0-9.]+)_fid$", {}, "UniPC bh1-3 (best fixed option)"),
 ]
 
 
 def _matches(run: dict, scheduler: str, options: dict) -> bool:
     kwargs = {k: v for k, v in run["scheduler_kwargs"].items() if k != "timestep_spacing"}
-    if scheduler.endswith("/"):
-        return scheduler in run["scheduler"]
+    if "/" in scheduler:
+        return re.search(scheduler, run["scheduler"].rstrip("/")) is not None
     if run["scheduler"] != scheduler or set(kwargs) != set(options):
         return False
     return all(str(want) in str(kwargs[k]) for k, want in options.items())

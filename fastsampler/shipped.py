@@ -17,9 +17,11 @@ ASSETS = {
     "digits-ddpm-v": "digits_ddpm_v",
     "digits-cond": "digits_cond_ddpm",
     "digits-classifier": "digits_classifier.safetensors",
-    "digits-s3": "s3/digits_ddpm",
+    "digits-s3": "s3/digits_ddpm",  # searched for the error against a 200-step teacher
+    "digits-s3-fid": "s3/digits_ddpm_fid",  # searched for FID (the released S³ criterion), NFE 4–10
     "digits-cond-s3-g1.5": "s3/digits_cond_g1.5",
     "digits-cond-s3-g4": "s3/digits_cond_g4",
+    "digits-cond-s3-g1.5-fid": "s3/digits_cond_g1.5_fid",  # searched for FID at guidance 1.5, NFE 5 and 6
     "digits-dc-ratios": "dc/digits_ddpm_unipc-bh2-2.json",
     "digits-dc-ratios-bh1-3": "dc/digits_ddpm_unipc-bh1-3.json",
     "digits-cond-dc-ratios": "dc/digits_cond_unipc-bh2-2.json",

@@ -375,3 +375,25 @@ def test_a_scored_search_is_held_out_by_its_own_scorer():
     assert entry["holdout_baseline"] == pytest.approx(scorer(baseline), rel=1e-9)
     assert entry["holdout_best"] <= entry["holdout_baseline"]
     assert entry["baseline_score"] == pytest.approx(scorer(run(s.plan, model, noise)[0]), rel=1e-9)
+
+
+def test_every_shipped_asset_exists_and_tuned_folders_load():
+    """Every name in ``fastsampler.shipped.ASSETS`` is in the package; the S³ folders load with their plans, each
+    plan fitting the embedded model it was searched for (``set_plan`` checks the schedule)."""
+    import fastsampler.shipped as shipped
+    from fastsampler.eval.digits import load_digits_cond_pipeline, load_digits_pipeline
+
+    configs = {"digits": load_digits_pipeline().scheduler.config,
+               "digits-cond": load_digits_cond_pipeline().scheduler.config}
+    for name in shipped.ASSETS:
+        path = fastsampler.assets(name)
+        assert os.path.exists(path), name
+        if "-s3" in name:
+            tuned = S3Scheduler.from_pretrained(path)
+            assert tuned.plans and set(tuned.plans) <= {4, 5, 6, 8, 10}, name
+            probe = S3Scheduler.from_config(configs["digits-cond" if "cond" in name else "digits"],
+                                            timestep_spacing="trailing")
+            for n, plan in tuned.plans.items():
+                probe.set_plan(plan)
+                probe.set_timesteps(n)
+                assert probe.plan.fingerprint() == plan.fingerprint(), (name, n)
