@@ -34,18 +34,11 @@ import torch
 
 import fastsampler
 from fastsampler.eval.digits import assets_dir, load_digits_cond_pipeline, load_digits_pipeline
+from fastsampler.eval.fid import fid_scorer
 
 NFES = (4, 5, 6, 8, 10)
 RESULTS = Path(__file__).resolve().parent / "results" / "s3_fit_digits.json"
 MODELS = {"digits_ddpm": None, "digits_cond_g1.5": 1.5, "digits_cond_g4": 4.0}
-
-
-def fid_scorer(cache_dir: Path):
-    """FID (digits CNN features, digits train split) of a batch of samples in the model's [−1, 1] range."""
-    from fastsampler.eval.fid import Extractor, FIDEvaluator, to_uint8
-
-    evaluator = FIDEvaluator(Extractor.create("digits"), "digits-train", cache_dir)
-    return lambda x: evaluator([to_uint8(x)])
 
 
 def main() -> None:
@@ -72,11 +65,13 @@ def main() -> None:
     labels = [i % 10 for i in range(args.samples)]
     held = torch.randn(args.validation_samples, 1, 16, 16, generator=torch.Generator().manual_seed(args.seed + 1000)) \
         if args.validation_samples else None
-    scorer = fid_scorer(args.work / "ref_stats") if args.objective == "fid" else None
     suffix = "_fid" if args.objective == "fid" else ""
     for model_name in args.models.split(","):
         guidance, name = MODELS[model_name], model_name + suffix
         pipe = load_digits_pipeline() if guidance is None else load_digits_cond_pipeline()
+        # the released S³ criterion: FID of the samples (digits CNN features, digits train split)
+        scorer = fid_scorer(pipe, "digits-train", cache_dir=args.work / "ref_stats") if args.objective == "fid" \
+            else None
         scheduler = fastsampler.UniPCScheduler.from_config(pipe.scheduler.config, solver_order=3, solver_type="bh1",
                                                            timestep_spacing="trailing")
         # a folder from an earlier run keeps its plans for the NFEs this run does not search

@@ -397,3 +397,67 @@ def test_every_shipped_asset_exists_and_tuned_folders_load():
                 probe.set_plan(plan)
                 probe.set_timesteps(n)
                 assert probe.plan.fingerprint() == plan.fingerprint(), (name, n)
+
+
+@pytest.mark.slow
+def test_cli_s3_scored_by_fid(tmp_path):
+    """``--fid-reference``: S³ candidates and the held-out choice are scored by the FID of their samples; the
+    report's held-out score is the FID of the tuned plan's samples from the held-out noises."""
+    from click.testing import CliRunner
+
+    from fastsampler.cli import main
+    from fastsampler.eval.digits import load_digits_pipeline, pipeline_dir
+    from fastsampler.eval.fid import fid_scorer
+    from fastsampler.tuning.runner import run
+
+    out, cache = tmp_path / "tuned", tmp_path / "cache"
+    result = CliRunner().invoke(main, ["tune", "--pipeline", str(pipeline_dir("eps")), "--method", "s3", "--steps",
+                                       "4", "--num-samples", "64", "--validation-samples", "64", "--budget", "40",
+                                       "--teacher", "dpmsolver++3:30", "--fid-reference", "digits-train",
+                                       "--cache-dir", str(cache), "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    entry = json.loads((out / "tune_report.json").read_text())["runs"]["None"]["steps"]["4"]
+    assert entry["holdout_best"] <= entry["holdout_baseline"]
+    pipe = load_digits_pipeline()
+    held = torch.randn((64, 1, 16, 16), generator=torch.Generator().manual_seed(1))  # --seed 0 + 1
+    tuned = S3Scheduler.from_pretrained(out)
+    with torch.no_grad():
+        samples = run(tuned.plans[4], fastsampler.tuning.model.from_pipeline(pipe, 64), held)[0]
+    scorer = fid_scorer(pipe, "digits-train", cache_dir=cache / "ref_stats")
+    assert entry["holdout_best"] == pytest.approx(scorer(samples), rel=1e-4)
+    assert entry["baseline_score"] > 0.05  # an FID, not the teacher error (≈ 1e-2 here)
+
+
+def test_cli_fid_scoring_is_for_s3_only():
+    from click.testing import CliRunner
+
+    from fastsampler.cli import main
+    from fastsampler.eval.digits import pipeline_dir
+
+    result = CliRunner().invoke(main, ["tune", "--pipeline", str(pipeline_dir("eps")), "--method", "dc", "--steps",
+                                       "4", "--fid-reference", "digits-train", "--out", "/nonexistent/never"])
+    assert result.exit_code != 0 and "--fid-reference" in result.output and "--method s3" in result.output
+
+
+def test_a_study_scored_otherwise_never_resumes_another():
+    """The study name follows the scorer: a search by FID must not continue a study scored by the teacher error
+    (same plan, model, noises and settings), nor one scored by another reference."""
+    from fastsampler.tuning.s3 import study_key
+
+    s = UniPCScheduler(**SD)
+    s.set_timesteps(4)
+    model, noise = mixture(s.config, 4, 1000)
+    target = torch.zeros_like(noise)
+
+    def by_mean(x: torch.Tensor) -> float:
+        return float(x.mean())
+
+    def by_norm(x: torch.Tensor) -> float:
+        return float(x.norm())
+
+    keys = {study_key(s.plan, model, noise, target, S3Search()),
+            study_key(s.plan, model, noise, target, S3Search(), by_mean),
+            study_key(s.plan, model, noise, target, S3Search(), by_norm)}
+    assert len(keys) == 3
+    by_norm.key = "fid on digits-test"
+    assert study_key(s.plan, model, noise, target, S3Search(), by_norm) not in keys

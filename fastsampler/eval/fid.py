@@ -698,6 +698,31 @@ class FIDEvaluator:
         return float(self.metric.compute())
 
 
+def fid_scorer(pipe, reference: str = "digits-train", features: str = "auto",
+               inception_weights: str | Path | None = None, cache_dir: str | Path | None = None,
+               batch_size: int = 250) -> Callable[[torch.Tensor], float]:
+    """A small-sample FID of sampler outputs, for S³'s ``scorer`` (``fastsampler.tune(method="s3", scorer=…)``).
+
+    The returned function takes a batch of final samples in the network's space (latents go through the
+    pipeline's VAE, as ``fastsampler fid`` decodes them) and returns their FID against ``reference``'s cached
+    statistics (``features="auto"``: the digits CNN for the digits references, InceptionV3 otherwise). Lower is
+    better; the FID of a few hundred samples is biased upwards but ranks candidates on the same noises.
+    """
+    if features == "auto":
+        features = "digits" if reference in DIGITS_REFERENCES else "inception"
+    from fastsampler.tuning.api import default_cache_dir
+
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "ref_stats"
+    evaluator = FIDEvaluator(Extractor.create(features, inception_weights), reference, cache)
+    source = SampleSource(pipe)
+
+    def score(x: torch.Tensor) -> float:
+        return evaluator([to_uint8(source.decode(x[i:i + batch_size]).cpu()) for i in range(0, x.shape[0], batch_size)])
+
+    score.key = json.dumps({"fid": reference_id(reference), **evaluator.extractor.identity()}, sort_keys=True)
+    return score
+
+
 # --------------------------------------------------------------------------------------------------
 # One run, end to end
 # --------------------------------------------------------------------------------------------------

@@ -1,13 +1,15 @@
 """`fastsampler tune`: fit a scheduler to a local diffusers pipeline and write a scheduler folder.
 
     fastsampler tune --pipeline DIR --method dc|s3|timesteps --steps 5,6,8 [--guidance-scale 7.5] [--prompts FILE]
-                     [--validation-samples 64] --out DIR
+                     [--validation-samples 64] [--fid-reference REF] --out DIR
 
 With one guidance scale, ``--out`` is a scheduler folder (``pipe.scheduler = UniPCScheduler.from_pretrained(DIR)``)
 holding a tuned plan per step count; with several (``--guidance-scale 1.5,4,7.5``) each gets its folder
 ``DIR/g<scale>``, and ``DIR`` also holds the ratio file ``dc_ratios.json`` and, from three or more (NFE, CFG)
 pairs, the cascade-polynomial-regression file ``dc_cpr.json`` (for ``dc_ratios_file`` / ``dc_cpr_file``) —
-these two for ``--method dc``; ``--method s3`` writes ``S3Scheduler`` folders. A report
+these two for ``--method dc``; ``--method s3`` writes ``S3Scheduler`` folders, scoring candidates by the error
+against the teacher or, with ``--fid-reference``, by the FID of their samples (the released S³ criterion; the
+held-out selection then uses FID too). A report
 (``tune_report.json``) records losses, ratios, timings and the command. Teacher trajectories are cached and the
 search checkpoints, so a killed run resumes; under ``torchrun`` the teacher is computed sharded.
 """
@@ -111,6 +113,12 @@ def _noise(pipe, num: int, seed: int, device: str) -> torch.Tensor:
               help="S3: model evaluations per step count (default 3000).")
 @click.option("--budget-seconds", type=click.FloatRange(min=0, min_open=True), default=None,
               help="S3: wall-time budget per step count.")
+@click.option("--fid-reference", default=None,
+              help="S3: score candidates by the FID of their samples against this reference (as `fastsampler fid "
+                   "--reference`: digits-train|digits-test|digits-all, an image tensor file or a folder of images) "
+                   "instead of the error against the teacher; --num-samples ≥ 100 recommended.")
+@click.option("--inception-weights", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="S3 with --fid-reference outside the digits: local InceptionV3 weights for the FID features.")
 @click.option("--validation-samples", type=click.IntRange(min=0), default=0, show_default=True,
               help="Held-out noises (seed + 1) reported and, for s3/timesteps, choosing among the candidates.")
 @click.option("--teacher", default="dpmsolver++3:200", show_default=True, help="SOLVER:STEPS (dpmsolver++3 or ddim).")
@@ -121,8 +129,8 @@ def _noise(pipe, num: int, seed: int, device: str) -> torch.Tensor:
 def tune(pipeline_dir: str, method: str, steps: str, guidance_scale: str | None, prompts_file: str | None,
          negative_prompt: str | None, class_labels: str | None, scheduler_spec: str, num_samples: int, seed: int,
          search: str, iters: int | None, lr: float | None, budget: int | None, budget_seconds: float | None,
-         validation_samples: int, teacher: str, device: str, cache_dir: str | None, out_dir: str,
-         no_progress: bool) -> None:
+         fid_reference: str | None, inception_weights: str | None, validation_samples: int, teacher: str,
+         device: str, cache_dir: str | None, out_dir: str, no_progress: bool) -> None:
     """Fit a fastsampler scheduler to a pipeline's model (DC-Solver ratios, an S3 schedule or learned time points)
     and write a scheduler folder."""
     from fastsampler.eval.distributed import distributed_context, select_device
@@ -147,10 +155,19 @@ def tune(pipeline_dir: str, method: str, steps: str, guidance_scale: str | None,
     validation = _noise(pipe, validation_samples, seed + 1, device) if validation_samples else None
     options = _method_options(method, search, iters, lr, budget, budget_seconds)
     out = Path(out_dir)
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    if fid_reference is not None or inception_weights is not None:
+        if method != "s3":
+            raise click.UsageError(f"--fid-reference / --inception-weights apply to --method s3, not {method}")
+        if fid_reference is None:
+            raise click.UsageError("--inception-weights needs --fid-reference")
+        from fastsampler.eval.fid import fid_scorer
+
+        options["scorer"] = fid_scorer(pipe, fid_reference, inception_weights=inception_weights,
+                                       cache_dir=cache / "ref_stats")
     scales = _floats(guidance_scale)
     entries, report = [], {"command": " ".join(sys.argv), "pipeline": pipeline_dir, "method": method,
-                           "num_samples": num_samples, "seed": seed, "runs": {}}
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+                           "num_samples": num_samples, "seed": seed, "fid_reference": fid_reference, "runs": {}}
     for scale in scales:
         scheduler = _scheduler_for(pipe, scheduler_spec)
         target = out if len(scales) == 1 else out / f"g{scale:g}"

@@ -239,13 +239,26 @@ class _Evaluator:
         return float((state.x.double() - self.target.double()).pow(2).mean())
 
 
-def study_key(plan: Plan, model, noise: torch.Tensor, target: torch.Tensor, search: S3Search) -> str:
+def scorer_key(scorer: Callable[[torch.Tensor], float] | None) -> str | None:
+    """What identifies a scorer in a study key: its ``key`` attribute if it has one (``fid_scorer`` sets it from
+    the reference and the feature weights), else its qualified name; None for the teacher error."""
+    if scorer is None:
+        return None
+    return str(getattr(scorer, "key", None) or getattr(scorer, "__qualname__", type(scorer).__qualname__))
+
+
+def study_key(plan: Plan, model, noise: torch.Tensor, target: torch.Tensor, search: S3Search,
+              scorer: Callable[[torch.Tensor], float] | None = None) -> str:
     """What a study's scores depend on (the budget aside: a rerun with a larger one continues the study), so a
-    journal shared by several searches never resumes one from another's scores."""
+    journal shared by several searches never resumes one from another's scores (the scorer included: a search
+    by FID must not continue one scored by the teacher error)."""
     model_key = model.cache_key() if hasattr(model, "cache_key") else repr(model)
     settings = {k: v for k, v in asdict(search).items() if k not in ("budget_evaluations", "budget_seconds")}
-    payload = json.dumps({"plan": plan.fingerprint(), "model": model_key, "noise": tensor_digest(noise),
-                          "target": tensor_digest(target), "search": settings}, sort_keys=True, default=str)
+    fields = {"plan": plan.fingerprint(), "model": model_key, "noise": tensor_digest(noise),
+              "target": tensor_digest(target), "search": settings}
+    if scorer is not None:  # absent for the teacher error, so earlier studies keep their names
+        fields["scorer"] = scorer_key(scorer)
+    payload = json.dumps(fields, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -284,7 +297,7 @@ def search_schedule(scheduler, model: Callable, noise: torch.Tensor, target: tor
     report = S3Report(n)
     baseline = scheduler.plan
     report.baseline_score = evaluator.score(baseline)
-    study = _study(storage, study_name or f"s3-{n}-{study_key(baseline, model, noise, target, search)}")
+    study = _study(storage, study_name or f"s3-{n}-{study_key(baseline, model, noise, target, search, scorer)}")
 
     session = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
 
