@@ -45,13 +45,22 @@ def _matches(run: dict, scheduler: str, options: dict) -> bool:
     return all(str(want) in str(kwargs[k]) for k, want in options.items())
 
 
+def _folder_nfes(folder: str) -> set[int]:
+    """The step counts a scheduler folder holds plans for."""
+    from fastsampler.adapters.plan_store import PLANS_FILE
+
+    path = Path(folder) / PLANS_FILE
+    return {len(plan["timesteps"]) for plan in json.loads(path.read_text())["plans"]} if path.is_file() else set()
+
+
 def tuned_table(results: dict, ddim: dict | None = None) -> list[str]:
     runs = results["results"]
     nfes = sorted({r["nfe"] for r in runs})
     cells: dict[str, dict[int, dict[int, float]]] = {}
     for label, scheduler, options, _ in ROWS:
         for r in runs:
-            if _matches(r, scheduler, options):
+            # a tuned folder without a plan for this NFE samples its config's plain solver: not a tuned cell
+            if _matches(r, scheduler, options) and ("/" not in scheduler or r["nfe"] in _folder_nfes(r["scheduler"])):
                 cells.setdefault(label, {}).setdefault(r["nfe"], {})[r["seed"]] = r["fid"]
     lines = ["| solver | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---|" + "---:|" * len(nfes)]
     for label, _, _, base_label in ROWS:
