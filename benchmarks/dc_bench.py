@@ -15,9 +15,7 @@ each DC solver's error to the best diffusers scheduler's at each NFE, plus tunin
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from fastsampler.eval import gmm
 from fastsampler.tuning.cpr import write_ratio_file
 from fastsampler.tuning.model import MixtureDenoiserModel
 from ratio_tables import bench_seeds, ratio_table, seed_ratio_table
+from stamp import run_stamp
 
 RESULTS = Path(__file__).resolve().parent / "results" / "dc_bench"
 NFES = (4, 5, 6, 8, 10)
@@ -83,9 +82,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
-    summary = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "machine": f"{platform.processor() or platform.machine()}, torch threads 1",
-               "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()}, "runs": {}}
+    summary = {**run_stamp(), "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()}, "runs": {}}
     for guidance in (None, 7.5):
         specs = bench_lib.select_solvers("diffusers/*", bench_lib.preset_config(args.preset))
         tuning = {}

@@ -19,9 +19,7 @@ benchmarks/results/dc_fit_digits.json.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -30,6 +28,7 @@ import torch
 import fastsampler
 from fastsampler.eval.digits import assets_dir, load_digits_cond_pipeline, load_digits_pipeline
 from fastsampler.tuning.cpr import fit_cpr, write_cpr_file, write_ratio_file
+from stamp import run_stamp
 
 NFES = (4, 5, 6, 8, 10)
 GUIDANCE = (1.5, 4.0, 7.5)
@@ -61,8 +60,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path(".cache") / "dc_fit")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "machine": f"{platform.processor() or platform.machine()}, torch threads 1", "samples": args.samples,
+    record = {**run_stamp(), "samples": args.samples,
               "seed": args.seed, "configurations": []}
     gen = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(args.samples, 1, 16, 16, generator=gen)

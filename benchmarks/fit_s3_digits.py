@@ -24,9 +24,7 @@ held-out noises by the same FID; the folders get a ``_fid`` suffix (``fastsample
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -35,6 +33,7 @@ import torch
 import fastsampler
 from fastsampler.eval.digits import assets_dir, load_digits_cond_pipeline, load_digits_pipeline
 from fastsampler.eval.fid import fid_scorer
+from stamp import run_stamp
 
 NFES = (4, 5, 6, 8, 10)
 RESULTS = Path(__file__).resolve().parent / "results" / "s3_fit_digits.json"
@@ -56,9 +55,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path(".cache") / "s3_fit")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "machine": f"{platform.processor() or platform.machine()}, torch threads 1", "samples": args.samples,
-              "seed": args.seed, "budget_candidates_per_nfe": args.budget, "runs": {}}
+    record = {**run_stamp(), "seed": args.seed, "budget_candidates_per_nfe": args.budget, "runs": {}}
     if RESULTS.exists():
         record["runs"] = json.loads(RESULTS.read_text()).get("runs", {})
     noise = torch.randn(args.samples, 1, 16, 16, generator=torch.Generator().manual_seed(args.seed))

@@ -15,9 +15,7 @@ and the search cost per configuration).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import time
 from pathlib import Path
 from typing import Callable
@@ -29,6 +27,7 @@ from fastsampler.eval import bench as bench_lib
 from fastsampler.eval import gmm
 from fastsampler.tuning.model import MixtureDenoiserModel
 from ratio_tables import bench_seeds, ratio_table, seed_ratio_table
+from stamp import run_stamp
 
 HERE = Path(__file__).resolve().parent / "results"
 NFES = (4, 5, 6, 8, 10)
@@ -85,9 +84,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
-    summary = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "machine": f"{platform.processor() or platform.machine()}, torch threads 1",
-               "args": {k: str(v) for k, v in vars(args).items()}, "runs": {}}
+    summary = {**run_stamp(), "args": {k: str(v) for k, v in vars(args).items()}, "runs": {}}
     for guidance in (None, 7.5):
         s3_folder, s3_cost = tune_all("s3", guidance, args, lambda n: dict(
             budget_evaluations=args.budget * n, warmup=24, round_size=8, keep=2))
