@@ -18,7 +18,11 @@ features against the digits train split), on ``--samples`` fitting noises, and c
 held-out noises by the same FID; the folders get a ``_fid`` suffix (``fastsampler.assets("digits-s3-fid")``):
 
     python benchmarks/fit_s3_digits.py --objective fid --samples 1000 --validation-samples 1000 \
-        --models digits_ddpm --nfes 4,5,6
+        --models digits_ddpm                                        # ~50 min: digits-s3-fid, NFE 4–10
+    python benchmarks/fit_s3_digits.py --objective fid --samples 1000 --validation-samples 1000 \
+        --models digits_cond_g1.5 --nfes 5,6                        # ~50 min: digits-cond-s3-g1.5-fid
+
+A folder keeps the plans of NFEs a later run does not search; a resumed search keeps its original cost.
 """
 
 from __future__ import annotations
