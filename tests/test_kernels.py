@@ -294,12 +294,12 @@ def test_scheduler_loop_with_triton_matches_torch(name, opts):
 
 @pytest.mark.slow
 def test_kernel_benchmark_dry_run(tmp_path):
-    """``benchmarks/kernels.py --dry-run`` runs every code path once at tiny size (interpreter on CPU); the
+    """``benchmarks/kernel_bandwidth.py --dry-run`` runs every code path once at tiny size (interpreter on CPU); the
     script sets TRITON_INTERPRET itself, so it is removed from the child's environment here."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "kernels.py"), "--dry-run",
+    done = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "kernel_bandwidth.py"), "--dry-run",
                            "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "dry run ok" in done.stdout
-    assert list(tmp_path.glob("kernels_*.json")) and list(tmp_path.glob("kernels_*.md"))
+    assert list(tmp_path.glob("kernel_bandwidth_*.json")) and list(tmp_path.glob("kernel_bandwidth_*.md"))

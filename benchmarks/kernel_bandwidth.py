@@ -16,13 +16,13 @@ four, so the columns compare times. A 10-step sampling loop with a trivial model
 included) is timed for ours (Triton), ours (torch) and diffusers.
 
 On CUDA, times are medians of ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs). Results go to
-``benchmarks/results/kernels_<gpu>.{json,md}`` with the GPU name, date, versions and the nominal and measured
+``benchmarks/results/kernel_bandwidth_<gpu>.{json,md}`` with the GPU name, date, versions and the nominal and measured
 (device copy) peak bandwidth. Without a GPU the script refuses; ``--dry-run`` instead runs every code path once
 at a tiny size on CPU (the Triton kernel under TRITON_INTERPRET=1, which the script sets itself) and writes the
 report to a temporary folder (or ``--out``), so it can be checked in CI.
 
-    python benchmarks/kernels.py                 # on a GPU
-    python benchmarks/kernels.py --dry-run       # anywhere, ~10 s
+    python benchmarks/kernel_bandwidth.py                 # on a GPU
+    python benchmarks/kernel_bandwidth.py --dry-run       # anywhere, ~10 s
 """
 
 from __future__ import annotations
@@ -239,7 +239,7 @@ def markdown(results: list[dict], meta: dict) -> str:
 def write(results: list[dict], meta: dict, out_dir: Path) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^A-Za-z0-9]+", "-", meta["device"]).strip("-").lower()
-    js, md = out_dir / f"kernels_{slug}.json", out_dir / f"kernels_{slug}.md"
+    js, md = out_dir / f"kernel_bandwidth_{slug}.json", out_dir / f"kernel_bandwidth_{slug}.md"
     js.write_text(json.dumps(dict(meta=meta, results=results), indent=1) + "\n")
     md.write_text(markdown(results, meta))
     return js, md
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
     if not args.dry_run and not cuda:
-        print("benchmarks/kernels.py needs a CUDA GPU (run with --dry-run to check the script on CPU)",
+        print("benchmarks/kernel_bandwidth.py needs a CUDA GPU (run with --dry-run to check the script on CPU)",
               file=sys.stderr)
         return 2
     if not cuda:
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         results = run(device, DRY_SIZES, DTYPES, reps=args.reps or 1)
         meta = metadata(f"{torch.cuda.get_device_name() if cuda else 'cpu'} dry run", None, None)
-        out_dir = args.out or Path(tempfile.mkdtemp(prefix="kernels-dry-run-"))
+        out_dir = args.out or Path(tempfile.mkdtemp(prefix="kernel-bandwidth-dry-run-"))
     else:
         name = torch.cuda.get_device_name()
         meta = metadata(name, nominal_peak_gbps(), measured_copy_gbps())
