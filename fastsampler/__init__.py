@@ -4,9 +4,17 @@ from fastsampler.adapters.presets import DCSolverScheduler, DEISScheduler, DPMSo
 from fastsampler.adapters.s3 import S3Scheduler
 from fastsampler.adapters.scheduler import NonFiniteModelOutputError, PlanScheduler
 from fastsampler.plans.format import Plan
-# Registers the embedded class-conditional digits pipeline with diffusers, so that
-# DiffusionPipeline.from_pretrained(folder) finds it once fastsampler is imported.
-import fastsampler.eval.cond_pipeline  # noqa: E402,F401  isort: skip
+from fastsampler import lazy as _lazy
+
+# DiffusionPipeline.from_pretrained(folder) finds the embedded class-conditional digits pipeline once fastsampler is
+# imported; the pipeline stack itself loads only when diffusers asks for the class.
+_lazy.register_pipelines()
+
+
+def __getattr__(name: str):
+    """Subpackages above the schedulers (``eval``, ``tuning``, ``cli``, ``shipped``) and pipeline classes load on
+    first use (PEP 562), so ``import fastsampler`` costs what a scheduler costs."""
+    return _lazy.resolve(__name__, name, _lazy.LAZY_ATTRIBUTES)
 
 
 def assets(name: str):
@@ -24,5 +32,6 @@ def tune(scheduler, model, noise, num_inference_steps, method: str = "dc", **opt
 
 
 __all__ = ["DPMSolverPlusPlusScheduler", "DEISScheduler", "UniPCScheduler", "DCSolverScheduler", "PlanScheduler",
-           "Plan", "NonFiniteModelOutputError", "tune", "assets", "S3Scheduler"]
+           "Plan", "NonFiniteModelOutputError", "tune", "assets", "S3Scheduler",
+           "DigitsConditionalPipeline"]
 __version__ = "0.1.0"

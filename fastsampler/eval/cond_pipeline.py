@@ -149,6 +149,7 @@ class DigitsConditionalPipeline(DiffusionPipeline):
 
 
 # diffusers' generic ``DiffusionPipeline.from_pretrained`` resolves ``model_index.json``'s ``_class_name`` with
-# ``getattr(diffusers, name)``; make the class findable there (the module name is recorded under ``_module``).
-if getattr(diffusers, DigitsConditionalPipeline.__name__, None) is None:
+# ``getattr(diffusers, name)``; ``import fastsampler`` already answers that name lazily (``fastsampler.lazy``), and
+# importing this module directly sets it for good (the module name is recorded under ``_module``).
+if DigitsConditionalPipeline.__name__ not in vars(diffusers):
     setattr(diffusers, DigitsConditionalPipeline.__name__, DigitsConditionalPipeline)
