@@ -109,6 +109,25 @@ def test_set_plan_refuses_unusable_coefficients():
         Plan.from_dict(payload)
 
 
+def test_a_loaded_plan_passes_the_bounds_check_of_built_ones(tmp_path):
+    """A plans file edited to hold a 1e30 coefficient is refused on load with set_plan's message (it sampled to
+    2.8e30 before), naming the file and the plan; the untouched file loads."""
+    s = UniPCScheduler(**SD)
+    s.set_timesteps(5)
+    s.set_plan(s.plan)
+    s.save_pretrained(tmp_path)
+    UniPCScheduler.from_pretrained(tmp_path)
+    payload = json.loads((tmp_path / PLANS_FILE).read_text())
+    payload["plans"][0]["coef"][1][2][1][0] = 1e30
+    (tmp_path / PLANS_FILE).write_text(json.dumps(payload))
+    with pytest.raises(ValueError) as built:
+        UniPCScheduler(**SD).set_plan(Plan.from_dict(payload["plans"][0]))
+    with pytest.raises(ValueError) as loaded:
+        UniPCScheduler.from_pretrained(tmp_path)
+    assert "coefficients up to 1e+30" in str(built.value)
+    assert str(loaded.value) == f"{tmp_path / PLANS_FILE} (plan for 5 steps): {built.value}"
+
+
 def test_version_1_plan_files_still_load(sample):
     """A plan saved by fastsampler 0.1 (format 1, one register) runs exactly as today's plan for that config."""
     plan = Plan.from_json((DATA / "plan_v1_unipc3_sd_7steps.json").read_text())

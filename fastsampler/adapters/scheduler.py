@@ -30,7 +30,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from fastsampler.adapters import options as opts
 from fastsampler.adapters.finite import DeferredFlag
 from fastsampler.adapters.time_shift_mixin import TimeShiftMixin
-from fastsampler.adapters.plan_store import check_plan, load_plans, save_plans, schedule_fingerprint
+from fastsampler.adapters.plan_store import PLANS_FILE, check_plan, load_plans, save_plans, schedule_fingerprint
 from fastsampler.adapters.thresholding import threshold_x0
 from fastsampler.kernels.dispatch import get_kernel, kernel_choice, resolve_kernel
 from fastsampler.kernels.traced import apply_dense
@@ -497,10 +497,15 @@ class PlanScheduler(TimeShiftMixin, SchedulerMixin, ConfigMixin):
         grid kind."""
         if not isinstance(plan, Plan):
             raise TypeError(f"`plan` must be a fastsampler Plan, got {type(plan).__name__}")
+        self._accept(plan)
+        self._install(plan, device)
+
+    def _accept(self, plan: Plan) -> None:
+        """Keep ``plan`` for its step count after the checks every plan passes, however it arrives (``set_plan``,
+        a scheduler folder): built for this schedule / prediction type / grid kind, coefficients within bounds."""
         check_plan(plan, self._fingerprint(plan.timesteps), self.config.prediction_type, self.config.use_flow_sigmas)
         self._check_bounds(plan)
         self._plans[plan.num_steps] = plan
-        self._install(plan, device)
 
     def remove_plan(self, num_inference_steps: int) -> None:
         """Forget the plan installed for ``num_inference_steps`` (set_timesteps builds from the config again)."""
@@ -533,9 +538,10 @@ class PlanScheduler(TimeShiftMixin, SchedulerMixin, ConfigMixin):
             folder = folder / subfolder
         if folder.is_dir():
             for plan in load_plans(folder):
-                check_plan(plan, scheduler._fingerprint(plan.timesteps), scheduler.config.prediction_type,
-                           scheduler.config.use_flow_sigmas)
-                scheduler._plans[plan.num_steps] = plan
+                try:
+                    scheduler._accept(plan)
+                except ValueError as exc:
+                    raise ValueError(f"{folder / PLANS_FILE} (plan for {plan.num_steps} steps): {exc}") from None
         return loaded
 
     # Stepping -----------------------------------------------------------------------------------------
