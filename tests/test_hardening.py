@@ -221,6 +221,8 @@ def test_8_sdxl_denoising_end_reports_nan(monkeypatch):
     (dict(sigma_min=5.0, sigma_max=1.0, use_karras_sigmas=True), "sigma_min"),
     (dict(steps_offset=5000), "steps_offset"),
     (dict(num_train_timesteps=1.5), "num_train_timesteps"),
+    (dict(thresholding=True, sample_max_value=0.0), "sample_max_value"),
+    (dict(thresholding=True, dynamic_thresholding_ratio=1.5), "dynamic_thresholding_ratio"),
 ])
 def test_11_bad_options_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):

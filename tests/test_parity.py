@@ -184,7 +184,9 @@ def test_sde_3m_differs_from_diffusers(x_start):
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample"])
 def test_thresholding(prediction_type, x_start):
     x = 3.0 * x_start  # large enough that x̂₀ gets clipped
-    for ratio, max_value in ((0.995, 1.0), (0.87, 2.0)):
+    # diffusers accepts a bound below 1 (clip to ±bound, rescale to ±1) and the 0 quantile; its own test suite
+    # runs sample_max_value 0.5 and dynamic_thresholding_ratio 0
+    for ratio, max_value in ((0.995, 1.0), (0.87, 2.0), (0.995, 0.5), (0.0, 1.0), (0.0, 0.5)):
         kw = dict(thresholding=True, dynamic_thresholding_ratio=ratio, sample_max_value=max_value,
                   prediction_type=prediction_type)
         for order in (1, 2, 3):

@@ -76,10 +76,14 @@ def validate_schedule_options(c: Mapping[str, Any]) -> None:
         raise ValueError(f"`noise_schedule` must be one of {NOISE_SCHEDULES}, got {c['noise_schedule']!r}")
     if c["time_shift_type"] != "exponential":
         raise ValueError(f"`time_shift_type` must be 'exponential', got {c['time_shift_type']!r}")
-    if not 0.0 < c["dynamic_thresholding_ratio"] <= 1.0:
-        raise ValueError(f"`dynamic_thresholding_ratio` must be in (0, 1], got {c['dynamic_thresholding_ratio']}")
-    if not c["sample_max_value"] >= 1.0:
-        raise ValueError(f"`sample_max_value` must be ≥ 1, got {c['sample_max_value']}")
+    # diffusers' ranges: the ratio is a quantile level (0 = the smallest |x̂₀|); a clamp bound below 1 makes
+    # torch.clamp(s, 1, bound) return the bound, i.e. clip x̂₀ to ±bound then rescale to ±1. Zero or negative
+    # bounds would divide by zero or flip signs, so only those are refused.
+    ratio, bound = c["dynamic_thresholding_ratio"], c["sample_max_value"]
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"`dynamic_thresholding_ratio` must be a quantile level in [0, 1], got {ratio!r}")
+    if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not bound > 0.0:
+        raise ValueError(f"`sample_max_value` must be positive (the largest |x̂₀| scale), got {bound!r}")
     if c["variance_type"] not in VARIANCE_TYPES:
         raise ValueError(f"`variance_type` must be one of {VARIANCE_TYPES}, got {c['variance_type']!r}")
     if isinstance(c["num_train_timesteps"], bool) or not isinstance(c["num_train_timesteps"], int) \

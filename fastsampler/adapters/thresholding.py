@@ -2,7 +2,9 @@
 
 s = quantile(|x̂₀|, ratio) per sample, then s ← clamp(s, 1, sample_max_value) and x̂₀ ← clamp(x̂₀, −s, s)/s.
 With the default ``sample_max_value=1`` this is static clipping to [−1, 1]; pass a larger value for the
-dynamic variant. Computed in float32 because ``torch.quantile`` needs it.
+dynamic variant. A ``sample_max_value`` below 1 makes the clamp's bounds cross, and ``torch.clamp`` then returns
+the upper one (as in diffusers): x̂₀ is clipped to ±sample_max_value and rescaled to ±1. Computed in float32
+because ``torch.quantile`` needs it.
 """
 
 from __future__ import annotations
