@@ -73,8 +73,8 @@ def test_2_saved_configs_load_in_diffusers_schedulers(ours, theirs, tmp_path, sa
 @pytest.mark.parametrize("spacing", ["use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"])
 def test_3_flow_sigma_spacings_honour_shift_and_mu(spacing):
     sigmas = {}
-    for shift in (1.0, 3.0):
-        s = UniPCScheduler(**FLOW, flow_shift=shift, **{spacing: True})
+    for shift in (1.0, 3.0):  # FlowMatch's respacing (the default, "rho", is diffusers' UniPC: no shift)
+        s = UniPCScheduler(**FLOW, flow_shift=shift, flow_respacing="flowmatch", **{spacing: True})
         s.set_timesteps(8)
         sigmas[shift] = s.sigmas
         assert torch.all(s.sigmas[:-1] > s.sigmas[1:])
@@ -87,6 +87,18 @@ def test_3_flow_sigma_spacings_honour_shift_and_mu(spacing):
         theirs.set_timesteps(8, mu=mu)
         torch.testing.assert_close(ours.sigmas[1:], theirs.sigmas[1:].float(), rtol=1e-5, atol=1e-6)
         assert abs(float(ours.sigmas[0]) - float(theirs.sigmas[0])) < 2e-6  # ours: 1 − 1e-6 (α > 0)
+
+
+@pytest.mark.parametrize("spacing", ["use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"])
+def test_3_a_flowmatch_config_keeps_its_own_respacing(spacing):
+    """SD3-style: a FlowMatch config (static shift 3) with a sigma spacing converts to ours with that scheduler's
+    grid (shift, then respace), not UniPC's ρ respacing."""
+    theirs = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, **{spacing: True})
+    ours = UniPCScheduler.from_config(theirs.config)
+    assert ours.config.flow_respacing == "flowmatch"
+    theirs.set_timesteps(8)
+    ours.set_timesteps(8)
+    torch.testing.assert_close(ours.sigmas[1:], theirs.sigmas[1:].float(), rtol=1e-5, atol=1e-6)
 
 
 # 4 ---------------------------------------------------------------------------------------------------------
@@ -222,6 +234,9 @@ def test_8_sdxl_denoising_end_reports_nan(monkeypatch):
     (dict(steps_offset=5000), "steps_offset"),
     (dict(num_train_timesteps=1.5), "num_train_timesteps"),
     (dict(thresholding=True, sample_max_value=0.0), "sample_max_value"),
+    (dict(flow_respacing="karras", **FLOW), "flow_respacing"),
+    (dict(flow_respacing="rho", use_dynamic_shifting=True, **FLOW), "ignore `mu`"),
+    (dict(flow_respacing="flowmatch", sigma_max=200.0, use_karras_sigmas=True, **FLOW), "flow_respacing='rho'"),
     (dict(thresholding=True, dynamic_thresholding_ratio=1.5), "dynamic_thresholding_ratio"),
 ])
 def test_11_bad_options_are_named(kwargs, match):

@@ -145,6 +145,23 @@ def test_flow_dynamic_shift_matches(x_start):
     np.testing.assert_allclose(ours.sigmas.numpy(), d.sigmas.numpy(), rtol=1e-6)
 
 
+@pytest.mark.parametrize("kw", [dict(sigma_min=0.01, sigma_max=200.0), dict(prediction_type="flow_prediction"),
+                                dict(final_sigmas_type="sigma_min", solver_order=3),
+                                dict(prediction_type="flow_prediction", solver_type="bh1", final_sigmas_type="sigma_min")])
+def test_flow_karras_matches_unipc(kw, x_start):
+    """Flow matching + Karras sigmas as diffusers' UniPC defines them (its test suite fixes the values): Karras in
+    ρ = s/(1−s) between sigma_min and sigma_max (default: the betas' ρ range), then s = ρ/(1+ρ)."""
+    d = diffusers.UniPCMultistepScheduler(use_flow_sigmas=True, use_karras_sigmas=True, **kw)
+    ours = UniPCScheduler.from_config(d.config)
+    for n in (5, 12):
+        d.set_timesteps(n)
+        ours.set_timesteps(n)
+        np.testing.assert_allclose(ours.sigmas.numpy(), d.sigmas.numpy(), rtol=1e-6)
+        # flow timesteps stay exact floats here; diffusers truncates them to integers
+        assert torch.equal(ours.timesteps.floor().long(), d.timesteps)
+    check(d, ours, 10, x_start)
+
+
 @pytest.mark.parametrize("grid", [dict(use_karras_sigmas=True), dict(use_exponential_sigmas=True),
                                   dict(use_lu_lambdas=True), dict(timestep_spacing="leading", steps_offset=1),
                                   dict(timestep_spacing="trailing"), dict(use_beta_sigmas=True)])

@@ -99,11 +99,39 @@ def validate_schedule_options(c: Mapping[str, Any]) -> None:
         _positive_finite(name, c[name], allow_none=True)
     if c["sigma_min"] is not None and c["sigma_max"] is not None and c["sigma_min"] >= c["sigma_max"]:
         raise ValueError(f"`sigma_min` ({c['sigma_min']}) must be below `sigma_max` ({c['sigma_max']})")
-    if c["use_flow_sigmas"] and c["sigma_max"] is not None and c["sigma_max"] > 1.0:
-        raise ValueError(f"`sigma_max` is a flow noise level in (0, 1] with use_flow_sigmas, got {c['sigma_max']}")
+    respacing = c.get("flow_respacing")
+    if respacing not in FLOW_RESPACINGS:
+        raise ValueError(f"`flow_respacing` must be one of {FLOW_RESPACINGS} (None: 'rho', or 'flowmatch' with "
+                         f"use_dynamic_shifting), got {respacing!r}")
+    if respacing == "rho" and c["use_dynamic_shifting"]:
+        raise ValueError("`flow_respacing='rho'` places the noise levels between sigma_min and sigma_max and would "
+                         "ignore `mu`; with use_dynamic_shifting use flow_respacing='flowmatch'")
+    respaced = c["use_karras_sigmas"] or c["use_exponential_sigmas"] or c["use_beta_sigmas"]
+    if c["use_flow_sigmas"] and respaced and flow_respacing(c) == "flowmatch" and c["sigma_max"] is not None \
+            and c["sigma_max"] > 1.0:
+        raise ValueError(f"`sigma_max` is a flow noise level s in (0, 1] with flow_respacing='flowmatch', got "
+                         f"{c['sigma_max']}; flow_respacing='rho' takes sigma_min / sigma_max as ρ = s/(1−s)")
     lmc = c["lambda_min_clipped"]
     if not (isinstance(lmc, (int, float)) and not math.isnan(lmc)):
         raise ValueError(f"`lambda_min_clipped` must be a number (−inf: no clipping), got {lmc!r}")
+
+
+FLOW_RESPACINGS = (None, "rho", "flowmatch")
+
+
+def flow_respacing(c: Mapping[str, Any]) -> str:
+    """How a flow-matching grid is respaced by Karras / exponential / beta sigmas.
+
+    ``"rho"``: in ρ = s/(1 − s) (the VE σ of the flow model) between ``sigma_min`` and ``sigma_max`` (in ρ), by
+    default the ρ range of the config's betas, then s = ρ/(1 + ρ); the shift does not enter. This is diffusers'
+    ``UniPCMultistepScheduler`` (its tests fix these values) and the default. ``"flowmatch"``: shift s (static or
+    by ``mu``) first, then respace s between the shifted ends, as ``FlowMatchEulerDiscreteScheduler``; the default
+    with ``use_dynamic_shifting`` (``mu`` must count) and for configs converted from a FlowMatch scheduler.
+    """
+    chosen = c.get("flow_respacing")
+    if chosen is not None:
+        return chosen
+    return "flowmatch" if c.get("use_dynamic_shifting") else "rho"
 
 
 def validate_mu(mu: Any) -> float:

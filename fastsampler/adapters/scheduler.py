@@ -119,6 +119,7 @@ class PlanScheduler(TimeShiftMixin, SchedulerMixin, ConfigMixin):
         use_lu_lambdas: bool = False,
         use_flow_sigmas: bool = False,
         flow_shift: float = 1.0,
+        flow_respacing: str | None = None,
         final_sigmas_type: str = "zero",
         lambda_min_clipped: float = -float("inf"),
         timestep_spacing: str = "linspace",
@@ -207,6 +208,7 @@ class PlanScheduler(TimeShiftMixin, SchedulerMixin, ConfigMixin):
             kwargs.setdefault("use_flow_sigmas", True)
             kwargs.setdefault("prediction_type", "flow_prediction")
             kwargs.setdefault("flow_shift", float(source["shift"]))
+            kwargs.setdefault("flow_respacing", "flowmatch")  # Karras / exponential / beta as that scheduler does
         dropped = [k for k in opts.unsupported(source, cls._options, cls.__init__) if k not in kwargs]
         if dropped and config is not None:
             logger.info("%s ignores %s from the config (options it does not implement)", cls.__name__,
@@ -232,6 +234,11 @@ class PlanScheduler(TimeShiftMixin, SchedulerMixin, ConfigMixin):
             raise ValueError(f"{name} does not support `{bad[0]}` (got {getattr(c, bad[0])!r}); leave it at "
                              f"{base[bad[0]]!r}")
         self._grid_spec().validate()
+        if c.use_flow_sigmas and c.flow_shift != 1.0 and opts.flow_respacing(c) == "rho" \
+                and (c.use_karras_sigmas or c.use_exponential_sigmas or c.use_beta_sigmas):
+            logger.warning("%s: flow_shift=%s does not enter flow_respacing='rho' (the noise levels run between "
+                           "sigma_min and sigma_max in ρ, as diffusers' UniPC); pass flow_respacing='flowmatch' to "
+                           "shift first, as FlowMatchEulerDiscreteScheduler", name, c.flow_shift)
         kernel_choice(c.kernel)
         time_shift.options_from_config(c)
 
@@ -255,7 +262,18 @@ class PlanScheduler(TimeShiftMixin, SchedulerMixin, ConfigMixin):
             flow_shift=c.flow_shift, use_dynamic_shifting=c.use_dynamic_shifting,
             final_sigmas_type=c.final_sigmas_type, lambda_min_clipped=c.lambda_min_clipped, sigma_min=c.sigma_min,
             sigma_max=c.sigma_max, flow_grid=self._flow_grid, round_timesteps=c.beta_schedule != "squaredcos_cap_v2",
+            flow_respacing=opts.flow_respacing(c), vp_rho_range=self._vp_rho_range(),
         )
+
+    def _vp_rho_range(self) -> tuple[float, float] | None:
+        """(ρ_min, ρ_max) of the config's discrete VP betas: the default ends of ``flow_respacing="rho"`` (as
+        diffusers' UniPC, which takes them from ``alphas_cumprod`` even for a flow model)."""
+        c = self.config
+        if not c.use_flow_sigmas or opts.flow_respacing(c) != "rho":
+            return None
+        vp = DiscreteVP.from_config(c.num_train_timesteps, c.beta_start, c.beta_end, c.beta_schedule, c.trained_betas,
+                                    c.rescale_betas_zero_snr)
+        return float(vp.rhos.min()), float(vp.rhos.max())
 
     def _build_solver(self, nodes: Nodes):
         raise NotImplementedError

@@ -84,6 +84,10 @@ class GridSpec:
     flow_grid: str = "dpm"
     # diffusers rounds Karras / Lu timesteps to integers except for the cosine (squaredcos_cap_v2) schedule.
     round_timesteps: bool = True
+    # flow + Karras / exponential / beta: "rho" (respace ρ = s/(1−s) between sigma_min/sigma_max or
+    # ``vp_rho_range``; diffusers' UniPC) or "flowmatch" (shift, then respace s; FlowMatchEulerDiscreteScheduler)
+    flow_respacing: str = "flowmatch"
+    vp_rho_range: tuple[float, float] | None = None
 
     def validate(self) -> None:
         if self.timestep_spacing not in TIMESTEP_SPACINGS:
@@ -322,10 +326,21 @@ def flow_grid(
         s = shift(s)
     else:
         n = num_inference_steps
-        if spec.use_karras_sigmas or spec.use_exponential_sigmas or spec.use_beta_sigmas:
+        if (spec.use_karras_sigmas or spec.use_exponential_sigmas or spec.use_beta_sigmas) \
+                and spec.flow_respacing == "rho":
+            # As UniPCMultistepScheduler: respace the VE σ ρ = s/(1−s) of the flow model, then s = ρ/(1+ρ).
+            lo, hi = spec.vp_rho_range or (None, None)
+            rho = _sigma_spacing(spec, spec.sigma_min if spec.sigma_min is not None else lo,
+                                 spec.sigma_max if spec.sigma_max is not None else hi, n)
+            s = rho / (1.0 + rho)
+        elif spec.use_karras_sigmas or spec.use_exponential_sigmas or spec.use_beta_sigmas:
             # As FlowMatchEulerDiscreteScheduler: shift (static or dynamic μ) first, then respace the flow noise
             # level s between the shifted ends (sigma_min / sigma_max override them, in s).
-            lo = spec.sigma_min if spec.sigma_min is not None else float(shift(np.array([1.0 / T]))[0])
+            # Its lowest level with a static shift is shifted twice (its sigma_min is already shifted at
+            # construction, then shifted again with the grid); with `mu` once.
+            lowest = np.array([1.0 / T]) if spec.use_dynamic_shifting else flow_shift_sigmas(np.array([1.0 / T]),
+                                                                                               spec.flow_shift)
+            lo = spec.sigma_min if spec.sigma_min is not None else float(shift(lowest)[0])
             hi = spec.sigma_max if spec.sigma_max is not None else 1.0
             s = _sigma_spacing(spec, lo, hi, n)
         elif spec.timestep_spacing == "uniform_lambda":
