@@ -77,6 +77,21 @@ def test_dpmsolver_singlestep(config, prediction_type, steps, x_start):
                 check(d, ours, steps, x_start)
 
 
+@pytest.mark.parametrize("grid", [{}, dict(use_karras_sigmas=True), dict(use_exponential_sigmas=True),
+                                  dict(use_beta_sigmas=True)])
+@pytest.mark.parametrize("order", (2, 3))
+def test_dpmsolver_singlestep_defaults_and_final_order(grid, order, x_start):
+    """Built the same way with the same arguments (no from_config), both singlestep schedulers default to
+    lower_order_final=False; ending at sigma_min, a Karras / exponential / beta grid repeats its last node and
+    the last macro step still takes full order, as diffusers' does (6 and 12 steps: no lowering is forced)."""
+    kw = dict(**CONFIGS["ddpm"], solver_order=order, final_sigmas_type="sigma_min", **grid)
+    d = diffusers.DPMSolverSinglestepScheduler(**kw)
+    ours = DPMSolverPlusPlusScheduler(solver_method="singlestep", **kw)
+    assert ours.config.lower_order_final is False and d.config.lower_order_final is False
+    for steps in (6, 12):
+        check(d, ours, steps, x_start)
+
+
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("prediction_type", PREDICTIONS)
 @pytest.mark.parametrize("steps", STEPS)

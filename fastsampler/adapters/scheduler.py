@@ -110,7 +110,7 @@ class PlanScheduler(TimeShiftMixin, SchedulerMixin, ConfigMixin):
         sample_max_value: float = 1.0,
         algorithm_type: str | None = None,
         solver_type: str | None = None,
-        lower_order_final: bool = True,
+        lower_order_final: bool | None = None,
         euler_at_final: bool = False,
         use_karras_sigmas: bool = False,
         karras_rho: float = 7.0,
@@ -159,7 +159,9 @@ class PlanScheduler(TimeShiftMixin, SchedulerMixin, ConfigMixin):
         self._validate_config()
         # Resolved values, so that the saved config loads in diffusers' own schedulers too.
         self.register_to_config(algorithm_type=self.algorithm, solver_type=self.solver_kind,
-                                disable_corrector=list(disable_corrector or []))
+                                disable_corrector=list(disable_corrector or []),
+                                lower_order_final=self._lower_order_final_default() if lower_order_final is None
+                                else lower_order_final)
         self._noise_schedule = self._make_noise_schedule()
         if isinstance(self._noise_schedule, DiscreteVP):
             ab = self._noise_schedule.alphas_cumprod
@@ -183,6 +185,11 @@ class PlanScheduler(TimeShiftMixin, SchedulerMixin, ConfigMixin):
         """The resolved ``algorithm_type``."""
         a = self.config.algorithm_type
         return self._algorithm_remap.get(a, a) if a is not None else self._algorithm_types[0]
+
+    def _lower_order_final_default(self) -> bool:
+        """diffusers' default for the scheduler this config mirrors: True for multistep solvers, False for
+        ``DPMSolverSinglestepScheduler`` (whose last step still drops to first order at σ = 0 or an uneven count)."""
+        return self.config.get("solver_method", "multistep") != "singlestep"
 
     @property
     def solver_kind(self) -> str:

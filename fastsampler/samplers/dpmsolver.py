@@ -199,7 +199,10 @@ class DPMSolverSinglestep:
         orders, saved_at = [0] * nodes.num_steps, start
         for j in range(start, stop):
             p = min(listed[j], j - saved_at + 1)
-            if p > 1 and not strictly_increasing(nodes.lam[j - p + 1:j + 2]):
+            # A macro step needs distinct nodes where it evaluates the model (r0, r1 ≠ 0, r0 ≠ r1); its end may
+            # repeat its last node (Karras / exponential / beta grids ending at sigma_min), where diffusers too
+            # takes the full-order step (r = 1 there).
+            if p > 1 and not (strictly_increasing(nodes.lam[j - p + 1:j + 1]) and nodes.lam[j + 1] >= nodes.lam[j]):
                 p = 1
             if p == 1:
                 saved_at = j
