@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from fastsampler import progress as progress_bars
 from fastsampler.eval import gmm, metrics
 from fastsampler.eval.spec import parse_scheduler
 from fastsampler.eval.reference import ReferenceSolution, Tolerance, reference_solution
@@ -316,7 +317,6 @@ class BenchResult:
 def run_bench(setup: BenchSetup, solvers: Sequence[SolverSpec], nfes: Sequence[int] = DEFAULT_NFES,
               progress: bool = True) -> BenchResult:
     """Every solver at every NFE, against the reference from the same noise."""
-    from tqdm.auto import tqdm
 
     began = time.perf_counter()
     config = setup.config
@@ -325,7 +325,8 @@ def run_bench(setup: BenchSetup, solvers: Sequence[SolverSpec], nfes: Sequence[i
     noise = setup.noise()
     references = References(denoiser, model, noise)
     runs = []
-    with _quiet_diffusers(), tqdm(total=len(solvers) * len(nfes), desc="bench", disable=not progress) as bar:
+    with _quiet_diffusers(), progress_bars.bar(total=len(solvers) * len(nfes), desc="bench",
+                                                  enabled=progress) as bar:
         for spec in solvers:
             for nfe in nfes:
                 bar.set_postfix_str(f"{spec.name} @ {nfe}")

@@ -7,6 +7,7 @@ import time
 import click
 import torch
 
+from fastsampler import progress as progress_bars
 from fastsampler.eval import bench as bench_lib
 
 
@@ -43,7 +44,7 @@ def _parse_nfes(ctx: click.Context, param: click.Parameter, value: str) -> list[
               help="torch CPU threads. The model calls are small matmuls; one thread avoids the large slowdown "
                    "of oversubscribed cores.")
 @click.option("--list-solvers", is_flag=True, help="List the solver names and exit.")
-@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@progress_bars.quiet_option
 def bench(preset: str, prediction_type: str | None, guidance_scale: float | None, batch_size: int, seed: int,
           solvers: str, extra: tuple[str, ...], nfes: list[int], out_dir: str, threads: int, list_solvers: bool,
           no_progress: bool) -> None:

@@ -54,6 +54,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fastsampler import progress as progress_bars
 from fastsampler.eval.conditions import Conditioning, OptionError, SampleSource, conditioning_for
 from fastsampler.eval.distributed import DistContext, distributed_context, select_device  # noqa: F401
 
@@ -372,8 +373,6 @@ def generate_shards(model: nn.Module | SampleSource, base_config: dict, spec: Ru
     checksum and metadata (``shard_metadata``; ``pipeline``: the pipeline's identity, recorded and checked when
     given) match; otherwise it is regenerated with a warning.
     """
-    from tqdm.auto import tqdm
-
     source = SampleSource.wrap(model)
     source.conditioning.check_guidance(spec.guidance_scale)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -382,8 +381,8 @@ def generate_shards(model: nn.Module | SampleSource, base_config: dict, spec: Ru
     mine = [i for i in range(len(counts)) if i % ctx.world_size == ctx.rank]
     report = GenerationReport()
     t0 = time.perf_counter()
-    bar = tqdm(mine, desc=f"{spec.scheduler.rpartition('.')[2]} {spec.steps} steps", unit="shard",
-               disable=not (progress and ctx.is_main), leave=False)
+    bar = progress_bars.bar(mine, desc=f"{spec.scheduler.rpartition('.')[2]} {spec.steps} steps", unit="shard",
+                            enabled=progress and ctx.is_main, leave=False)
     for i in bar:
         path = shard_path(run_dir, i)
         conditions = source.conditioning.metadata(spec.guidance_scale, i * spec.shard_size, counts[i])
@@ -801,8 +800,6 @@ def run_sweep(specs: Sequence[RunSpec], num_samples: int, out_dir: str | Path, p
     ``select_device`` (``"cuda"``: ``cuda:<LOCAL_RANK>``). Returns the results on rank 0 and an empty list on the
     other ranks. Options that do not fit the pipeline raise ``conditions.OptionError`` before any sampling.
     """
-    from tqdm.auto import tqdm
-
     ctx = ctx or distributed_context()
     if features == "auto":
         features = "digits" if reference in DIGITS_REFERENCES else "inception"
@@ -817,13 +814,13 @@ def run_sweep(specs: Sequence[RunSpec], num_samples: int, out_dir: str | Path, p
     pipe_id = pipeline_id(pipeline)
     evaluator = FIDEvaluator(extractor, reference, cache_dir) if ctx.is_main else None
     results: list[RunResult] = []
-    for spec in tqdm(specs, desc="runs", unit="run", disable=not (progress and ctx.is_main)):
+    for spec in progress_bars.bar(specs, desc="runs", unit="run", enabled=progress and ctx.is_main):
         result = evaluate_run(pipe, pipe_id, spec, num_samples, out_dir, evaluator, ctx, device, progress,
                               conditioning=conditioning)
         if result is not None:
             results.append(result)
             if progress:
                 guided = "" if spec.guidance_scale is None else f" w={spec.guidance_scale:g}"
-                tqdm.write(f"{spec.scheduler} steps={spec.steps}{guided} seed={spec.seed} NFE={result.nfe}: "
+                progress_bars.write(f"{spec.scheduler} steps={spec.steps}{guided} seed={spec.seed} NFE={result.nfe}: "
                            f"FID {result.fid:.3f} ({result.seconds:.0f}s, {result.shards_generated} shards new)")
     return results

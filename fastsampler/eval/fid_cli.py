@@ -30,6 +30,7 @@ from typing import Callable, Sequence
 import click
 import torch
 
+from fastsampler import progress as progress_bars
 from fastsampler.eval import spec
 from fastsampler.eval.conditions import OptionError, read_prompts
 from fastsampler.eval.fid import (DIGITS_REFERENCES, EMBEDDED_PIPELINES, RunResult, RunSpec, atomic_write_text,
@@ -217,7 +218,7 @@ def echo_results(rows: Sequence[RunResult], spread: Sequence[dict]) -> None:
               help="results JSON [default: OUT/fid_results.json]; the plot goes next to it (.png)")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--threads", default=1, show_default=True, help="torch threads per process")
-@click.option("--no-progress", is_flag=True)
+@progress_bars.quiet_option
 def fid(pipeline: str, schedulers: tuple[str, ...], steps: tuple[str, ...], kw: tuple[str, ...],
         timestep_spacing: str, guidance: tuple[str, ...], prompts_file: Path | None, negative_prompt: str | None,
         num_samples: int, shard_size: int, seeds: tuple[str, ...], out_dir: Path, reference: str, features: str,

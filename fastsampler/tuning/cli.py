@@ -24,6 +24,7 @@ from pathlib import Path
 import click
 import torch
 
+from fastsampler import progress as progress_bars
 from fastsampler.eval.spec import parse_scheduler
 
 
@@ -125,7 +126,7 @@ def _noise(pipe, num: int, seed: int, device: str) -> torch.Tensor:
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--cache-dir", default=None, help="Teacher cache (default: $FASTSAMPLER_CACHE or ~/.cache/fastsampler).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
-@click.option("--no-progress", is_flag=True)
+@progress_bars.quiet_option
 def tune(pipeline_dir: str, method: str, steps: str, guidance_scale: str | None, prompts_file: str | None,
          negative_prompt: str | None, class_labels: str | None, scheduler_spec: str, num_samples: int, seed: int,
          search: str, iters: int | None, lr: float | None, budget: int | None, budget_seconds: float | None,

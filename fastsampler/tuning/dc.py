@@ -35,8 +35,8 @@ from typing import Callable
 
 import torch
 from scipy.optimize import minimize_scalar
-from tqdm.auto import tqdm
 
+from fastsampler import progress as progress_bars
 from fastsampler.plans.format import Plan
 from fastsampler.samplers.rules import Nodes, compile_plan
 from fastsampler.schedules.grids import Grid
@@ -243,7 +243,7 @@ def search_ratios(scheduler, model: Callable, noise: torch.Tensor, teacher: torc
         done = resumed["next_step"]
     state = start(plan, noise)
     evaluations = 0
-    bar = tqdm(range(n), desc=f"DC ratios ({n} steps)", disable=not progress, unit="step")
+    bar = progress_bars.bar(range(n), desc=f"DC ratios ({n} steps)", enabled=progress, unit="step")
     for i in bar:
         with torch.no_grad():
             out = model(state.x, timestep(plan, i))

@@ -37,8 +37,8 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from fastsampler import progress as progress_bars
 from fastsampler.plans.format import Plan
 from fastsampler.samplers.rules import Nodes, compile_plan
 from fastsampler.samplers.usf import USF
@@ -339,7 +339,7 @@ def search_schedule(scheduler, model: Callable, noise: torch.Tensor, target: tor
             evaluate(optuna.trial.Trial(study, stale._trial_id))
         else:
             study.tell(stale.number, state=TrialState.FAIL)
-    bar = tqdm(desc=f"S3 ({n} steps)", disable=not progress, unit="cand")
+    bar = progress_bars.bar(desc=f"S3 ({n} steps)", enabled=progress, unit="cand")
     while not spent():
         complete = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number)
         if len(complete) < search.warmup:

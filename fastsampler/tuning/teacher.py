@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from fastsampler import progress as progress_bars
 from fastsampler.eval.distributed import DistContext
 from fastsampler.plans.format import Plan
 from fastsampler.samplers.dpmsolver import DPMSolverMultistep
@@ -154,7 +154,7 @@ def teacher_trajectories(scheduler, model, noise: torch.Tensor, spec: TeacherSpe
         directory = Path(cache_dir) / "teacher" / teacher_key(student, scheduler, model, noise, spec)
     done: dict[int, torch.Tensor] = {}
     mine = [s for k, s in enumerate(shards) if k % ctx.world_size == ctx.rank]
-    for start in tqdm(mine, desc="teacher", disable=not progress, unit="shard"):
+    for start in progress_bars.bar(mine, desc="teacher", enabled=progress, unit="shard"):
         part = noise[start:start + shard_size]
         cached = _read_shard(_shard_file(directory, start), part.shape[0]) if directory is not None and \
             _shard_file(directory, start).exists() else None

@@ -33,8 +33,8 @@ from typing import Callable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from fastsampler import progress as progress_bars
 from fastsampler.plans.format import Plan
 from fastsampler.samplers.rules import Nodes, compile_plan
 from fastsampler.schedules.grids import Grid
@@ -189,7 +189,8 @@ def learn_timesteps(scheduler, model: Callable, noise: torch.Tensor, target: tor
             report.losses, first = saved["losses"], saved["iteration"]
             report.loss_initial = report.losses[0] if report.losses else math.nan
             report.holdout_losses = saved.get("holdout_losses", [])
-    bar = tqdm(range(first, search.iters + 1), desc=f"time points ({family.n} steps)", disable=not progress)
+    bar = progress_bars.bar(range(first, search.iters + 1), desc=f"time points ({family.n} steps)",
+                            enabled=progress)
     for it in bar:
         interior = family.interior(u.detach()).numpy()
         plan, values, jac = linearise(family, interior, search.fd_step)
