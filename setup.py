@@ -1,6 +1,14 @@
 from setuptools import find_packages, setup
 
-NOTEBOOKS = ["jupytext>=1.16", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29", "ipywidgets>=8.1"]
+# Version ranges: the lower bound is the oldest release we support, the upper bound the first we have not tested
+# (CI installs the newest release inside each range). diffusers is bounded tightly on both sides because our
+# schedulers follow its scheduler contract closely: DIFFUSERS_TESTED lists the releases whose contract tests
+# (tests/test_parity.py, test_contract.py, test_hardening.py, test_pipelines.py, …) passed.
+DIFFUSERS_TESTED = ("0.37.1", "0.38.0", "0.40.0", "0.42.1")  # 2026-12-07; 0.35.2 and 0.36.0 fail (flow grids)
+NOTEBOOKS = ["jupytext>=1.16,<2", "nbclient>=0.10,<1", "nbformat>=5.9,<6", "ipykernel>=6.29,<8", "ipywidgets>=8.1,<9"]
+TRITON = "triton>=3.0,<4"
+TORCHMETRICS = "torchmetrics>=1.4,<2"
+PIPELINES = ["transformers>=4.40,<6", "accelerate>=0.26,<2"]
 
 setup(
     name="fastsampler",
@@ -11,24 +19,24 @@ setup(
     include_package_data=True,
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.1",
-        "diffusers>=0.35,<0.43",
-        "numpy>=1.24",
-        "scipy>=1.10",
-        "click>=8.0",
-        "tqdm>=4.60",
-        "matplotlib>=3.7",
-        "safetensors>=0.4",
-        "scikit-learn>=1.3",
-        "optuna>=3.6",  # fastsampler.tune(method="s3"): resumable, multi-worker studies
+        "torch>=2.1,<3",
+        f"diffusers>={DIFFUSERS_TESTED[0]},<0.43",
+        "numpy>=1.24,<3",
+        "scipy>=1.10,<2",
+        "click>=8.0,<9",
+        "tqdm>=4.60,<5",
+        "matplotlib>=3.7,<4",
+        "safetensors>=0.4,<1",
+        "scikit-learn>=1.3,<2",
+        "optuna>=3.6,<6",  # fastsampler.tune(method="s3"): resumable, multi-worker studies
     ],
     extras_require={
-        "triton": ["triton>=3.0"],
-        "fid": ["torchmetrics>=1.4", "torch-fidelity"],
-        "pipelines": ["transformers>=4.40", "accelerate"],
+        "triton": [TRITON],
+        "fid": [TORCHMETRICS, "torch-fidelity>=0.3,<1"],
+        "pipelines": PIPELINES,
         # notebooks/: jupytext turns the percent scripts into notebooks, nbclient runs them on an ipykernel kernel
         "notebooks": NOTEBOOKS,
-        "test": ["pytest>=7", "triton>=3.0", "torchmetrics>=1.4", "transformers>=4.40", "accelerate", *NOTEBOOKS],
+        "test": ["pytest>=7,<10", TRITON, TORCHMETRICS, *PIPELINES, *NOTEBOOKS],
     },
     entry_points={"console_scripts": ["fastsampler=fastsampler.cli:main"]},
 )
