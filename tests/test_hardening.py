@@ -142,6 +142,13 @@ def test_6_noise_form_unipc_on_flow_sigmas_is_refused_by_option():
     UniPCScheduler(**FLOW).set_timesteps(2)  # the data form is fine
 
 
+def test_6_an_epsilon_model_on_a_flow_grid_is_refused_naming_the_prediction_type():
+    """A data-form solver is not the cause there: turning ε into x̂₀ divides by α = 1e-6 at s = 1 − 1e-6."""
+    with pytest.raises(ValueError, match="prediction_type='epsilon' is turned into") as refused:
+        UniPCScheduler(use_flow_sigmas=True, prediction_type="epsilon").set_timesteps(10)
+    assert "data-form" not in str(refused.value)
+
+
 # 7 ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("config", [dict(), SD, dict(beta_schedule="squaredcos_cap_v2")])
 def test_7_add_noise_and_velocity_equal_ddpm_at_training_timesteps(config, sample):

@@ -456,14 +456,23 @@ class PlanScheduler(TimeShiftMixin, SchedulerMixin, ConfigMixin):
                 "schedule; use a data-form solver there")
 
     def _check_bounds(self, plan: Plan) -> None:
-        worst = max(float(np.max(np.abs(plan.coef))), float(np.max(np.abs(plan.out_map))))
-        if worst > MAX_COEFFICIENT:
-            step = int(np.argwhere(np.abs(plan.coef).max(axis=(0, 2, 3)) > MAX_COEFFICIENT).min()) \
-                if np.max(np.abs(plan.coef)) > MAX_COEFFICIENT else \
-                int(np.argwhere(np.abs(plan.out_map).max(axis=1) > MAX_COEFFICIENT).min())
-            raise ValueError(f"{type(self).__name__}: this configuration gives plan coefficients up to {worst:.3g} "
-                             f"(step {step}, α = {plan.alpha[step]:.3g}), which would amplify rounding errors beyond "
-                             f"use; {self._bound_hint()}")
+        """Refuse plans whose coefficients would amplify rounding beyond use, naming the cause: the conversion of
+        the model output (``out_map``: x̂₀ = (x − σ·ε)/α divides by α) or the solver's own form (``coef``)."""
+        worst_map = np.abs(plan.out_map).max(axis=1)
+        worst_coef = np.abs(plan.coef).max(axis=(0, 2, 3))
+        if max(worst_map.max(), worst_coef.max()) <= MAX_COEFFICIENT:
+            return
+        if worst_map.max() > MAX_COEFFICIENT:
+            step, worst = int(np.argmax(worst_map > MAX_COEFFICIENT)), float(worst_map.max())
+            cause = (f"prediction_type={self.config.prediction_type!r} is turned into the solver's prediction by "
+                     f"dividing by α, which is {plan.alpha[step]:.3g} there; a flow-matching model predicts "
+                     "prediction_type='flow_prediction', and a grid that starts below pure noise keeps α away from 0")
+        else:
+            step, worst = int(np.argmax(worst_coef > MAX_COEFFICIENT)), float(worst_coef.max())
+            cause = self._bound_hint()
+        raise ValueError(f"{type(self).__name__}: this configuration gives plan coefficients up to {worst:.3g} "
+                         f"(step {step}, α = {plan.alpha[step]:.3g}), which would amplify rounding errors beyond "
+                         f"use; {cause}")
 
     def _install(self, plan: Plan, device: str | torch.device | None) -> None:
         time_shift_rows = self._time_shift_rows(plan)  # may refuse the plan: before anything changes
