@@ -279,7 +279,8 @@ def test_cli_tune_writes_a_loadable_scheduler_folder(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,extra", [("s3", ["--budget", "24"]), ("timesteps", ["--iters", "2", "--lr", "0.02"])])
+@pytest.mark.parametrize("method,extra", [("s3", ["--budget", "24"]), ("timesteps", ["--iters", "2", "--lr", "0.02"]),
+                                          ("coefficients", ["--iters", "3", "--lr", "0.02"])])
 def test_cli_tune_searches_and_learns(tmp_path, method, extra):
     from fastsampler.eval.digits import pipeline_dir
 

@@ -13,7 +13,8 @@ against a candidate that fits only the fitting noises. ``num_inference_steps``: 
 a plan for each (``scheduler.plans``) and saves them in its folder.
 
 Methods: ``"dc"`` (DC-Solver's compensation ratios, ``fastsampler.tuning.dc``), ``"timesteps"`` (learned
-time points, ``fastsampler.tuning.timesteps``) and ``"s3"`` (a searched USF schedule and grid,
+time points, ``fastsampler.tuning.timesteps``), ``"coefficients"`` (learned solver coefficients and time points,
+S4S-Alt-style, ``fastsampler.tuning.coefficients``; validates on a held-out part of the fitting noises by default) and ``"s3"`` (a searched USF schedule and grid,
 ``fastsampler.tuning.s3``; the result is an ``S3Scheduler``). Every method compares against a
 teacher trajectory (``fastsampler.tuning.teacher``) cached on disk under ``cache_dir``, and checkpoints under
 ``checkpoint_dir`` so a killed run resumes. Under ``torchrun`` (or with ``dist``) the teacher is computed sharded
@@ -109,6 +110,20 @@ def _tune_timesteps(student, fit_model, noise, reference, n, options: dict, chec
     return plan, asdict(result), asdict(search)
 
 
+def _tune_coefficients(student, fit_model, noise, reference, n, options: dict, checkpoint_dir, progress, holdout,
+                       ctx):
+    from fastsampler.tuning.coefficients import CoefficientSearch, learn_coefficients
+
+    search = CoefficientSearch(**{k: options[k] for k in COEFFICIENT_OPTIONS if k in options})
+    checkpoint = Path(checkpoint_dir) / f"coefficients_{n}.pt" if checkpoint_dir is not None else None
+    plan, result = learn_coefficients(student, fit_model, noise, reference[-1], search, checkpoint, progress, holdout)
+    return plan, asdict(result), asdict(search)
+
+
+COEFFICIENT_OPTIONS = ("iters", "lr", "lr_time", "learn_timesteps", "loss", "slack", "patience",
+                       "validation_fraction", "consistency", "fd_step")
+
+
 def _tune_s3(student, fit_model, noise, reference, n, options: dict, checkpoint_dir, progress, holdout, ctx):
     from fastsampler.tuning.s3 import S3Search, search_schedule
 
@@ -127,6 +142,7 @@ def _tune_s3(student, fit_model, noise, reference, n, options: dict, checkpoint_
 
 _METHODS = {"dc": (_tune_dc, {"search", "iters", "lr", "weight_decay", "bounds", "dc_order", "objective"}),
             "timesteps": (_tune_timesteps, {"iters", "lr", "fd_step"}),
+            "coefficients": (_tune_coefficients, set(COEFFICIENT_OPTIONS)),
             "s3": (_tune_s3, {"budget_evaluations", "budget_seconds", "warmup", "round_size", "keep", "max_order",
                               "search_grid", "grid_power_range", "seed", "storage", "scorer", "validate_top"})}
 
@@ -151,7 +167,9 @@ def tune(scheduler, model, noise: torch.Tensor, num_inference_steps: int | Seque
 
     ``method="dc"`` options: ``search`` ("gradient" | "scan"), ``iters``, ``lr``, ``weight_decay``, ``bounds``,
     ``dc_order``, ``objective`` ("next" | "final") (``fastsampler.tuning.dc.DCSearch``). ``method="timesteps"``: ``iters``, ``lr``, ``fd_step``
-    (``fastsampler.tuning.timesteps.TimestepSearch``). ``method="s3"``: ``budget_evaluations``, ``budget_seconds``,
+    (``fastsampler.tuning.timesteps.TimestepSearch``). ``method="coefficients"``: ``iters``, ``lr``, ``lr_time``,
+    ``learn_timesteps``, ``loss`` ("final" | "relaxed"), ``slack``, ``patience``, ``validation_fraction``,
+    ``consistency``, ``fd_step`` (``fastsampler.tuning.coefficients.CoefficientSearch``). ``method="s3"``: ``budget_evaluations``, ``budget_seconds``,
     ``warmup``, ``round_size``, ``keep``, ``max_order``, ``search_grid``, ``grid_power_range``, ``seed``,
     ``validate_top``, ``storage``, ``scorer`` (``fastsampler.tuning.s3.S3Search``; a ``scorer`` of the final samples,
     lower is better, replaces the teacher error in the search and in the held-out selection). The returned scheduler's ``tuning_report`` holds, per step

@@ -32,7 +32,8 @@ def _method_options(method: str, search: str, iters: int | None, lr: float | Non
                     budget_seconds: float | None) -> dict:
     """``fastsampler.tune`` options from the command line, refusing those the method does not take."""
     given = {"--iters": iters, "--lr": lr, "--budget": budget, "--budget-seconds": budget_seconds}
-    allowed = {"dc": {"--iters", "--lr"}, "timesteps": {"--iters", "--lr"}, "s3": {"--budget", "--budget-seconds"}}
+    allowed = {"dc": {"--iters", "--lr"}, "timesteps": {"--iters", "--lr"}, "coefficients": {"--iters", "--lr"},
+               "s3": {"--budget", "--budget-seconds"}}
     wrong = sorted(k for k, v in given.items() if v is not None and k not in allowed[method])
     if wrong:
         raise click.UsageError(f"{', '.join(wrong)} do(es) not apply to --method {method} "
@@ -57,6 +58,10 @@ def _summary(method: str, entry: dict) -> str:
     if method == "timesteps":
         return (f"timesteps {[round(t) for t in entry['timesteps_learned']]}, fitting loss "
                 f"{entry['loss_initial']:.4g} → {entry['loss_final_grid']:.4g}{held} {cost}")
+    if method == "coefficients":
+        return (f"timesteps {[round(t, 2) for t in entry['timesteps_learned']]}, validation ({entry['validation']}) "
+                f"{entry['validation_base']:.4g} → {entry['validation_tuned']:.4g} after {entry['iterations']} "
+                f"iterations (best {entry['best_iteration']}; {entry['stopped']}){held} {cost}")
     return (f"best score {entry['baseline_score']:.4g} → {entry['best_score']:.4g} ({entry['evaluated']} evaluated, "
             f"{entry['screened_out']} screened out){held} {cost}")
 
@@ -95,7 +100,7 @@ def _noise(pipe, num: int, seed: int, device: str) -> torch.Tensor:
 
 @click.command("tune")
 @click.option("--pipeline", "pipeline_dir", required=True, help="Local diffusers pipeline folder.")
-@click.option("--method", type=click.Choice(["dc", "s3", "timesteps"]), default="dc", show_default=True)
+@click.option("--method", type=click.Choice(["dc", "s3", "timesteps", "coefficients"]), default="dc", show_default=True)
 @click.option("--steps", required=True, help="Comma-separated step counts, e.g. 5,6,8.")
 @click.option("--guidance-scale", default=None, help="Guidance scale(s), comma-separated (class- or text-conditional).")
 @click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -108,8 +113,9 @@ def _noise(pipe, num: int, seed: int, device: str) -> torch.Tensor:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--search", type=click.Choice(["gradient", "scan"]), default="gradient", show_default=True)
 @click.option("--iters", type=click.IntRange(min=1), default=None,
-              help="Iterations (dc: 20, timesteps: 40 by default).")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Step size (dc, timesteps).")
+              help="Iterations (dc: 20, timesteps: 40, coefficients: at most 400 by default).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Step size (dc, timesteps, coefficients).")
 @click.option("--budget", type=click.IntRange(min=1), default=None,
               help="S3: model evaluations per step count (default 3000).")
 @click.option("--budget-seconds", type=click.FloatRange(min=0, min_open=True), default=None,

@@ -78,12 +78,12 @@ def advance(plan: Plan, state: RunState, model_output: torch.Tensor, store: torc
     ``store`` replaces the stored prediction D̂ (DC ratio search); ``p`` a precomputed P; ``coef`` / ``out_map``
     replace the row's coefficients by tensors of the same layout (learned time points: gradients reach them)."""
     i = state.step
-    level = min(state.taken, plan.levels - 1)
+    level = row_level(plan, state)
     coef = plan.coef[level, i] if coef is None else coef
     r = plan.num_registers
     p = prediction(plan, i, state.x, model_output, out_map) if p is None else p
     slot = int(plan.write_slot[i])
-    sources: list[torch.Tensor | None] = [state.x, p, None, *state.registers, *state.history]
+    sources = step_sources(state, p)
     d_hat = _combine(coef[OUT_STORE], sources) if store is None else store
     sources[src_slot(r, slot)] = d_hat
     x_next = _combine(coef[OUT_NEXT], sources)
@@ -91,6 +91,17 @@ def advance(plan: Plan, state: RunState, model_output: torch.Tensor, store: torc
                       for q in range(r))
     history = tuple(d_hat if j == slot else h for j, h in enumerate(state.history))
     return RunState(x_next, history, registers, i + 1, state.taken + 1)
+
+
+def row_level(plan: Plan, state: RunState) -> int:
+    """The warm-up level of the row the next step uses (the steps taken so far, capped)."""
+    return min(state.taken, plan.levels - 1)
+
+
+def step_sources(state: RunState, p: torch.Tensor) -> list[torch.Tensor | None]:
+    """The sources a row combines, in the plan's layout: X, P, Z (None: ODE plans), registers, history slots
+    (the write slot still holding its old value; ``advance`` puts D̂ there before the next-sample row)."""
+    return [state.x, p, None, *state.registers, *state.history]
 
 
 def run(plan: Plan, model: Model, x: torch.Tensor, begin: int = 0, end: int | None = None,
@@ -111,4 +122,5 @@ def register(plan: Plan, state: RunState, name: str) -> torch.Tensor:
     return state.registers[plan.registers.index(name)]
 
 
-__all__ = ["RunState", "start", "advance", "run", "prediction", "timestep", "register", "src_register"]
+__all__ = ["RunState", "start", "advance", "run", "prediction", "timestep", "register", "src_register", "row_level",
+           "step_sources"]

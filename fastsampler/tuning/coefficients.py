@@ -1,0 +1,342 @@
+"""Learned solver coefficients and time points: S4S-Alt's idea on a plan (Frankel et al., ICML 2025, arXiv
+2502.17423), with GS's "theory + correction" parametrisation (arXiv 2510.17699, Eq. 15–19).
+
+Parameters, learned jointly by Adam against the teacher's final samples (a global loss):
+
+* the N − 1 interior time points, in λ = log(α/σ), as in ``fastsampler.tuning.timesteps`` (softmax increments:
+  ordered, ends kept); ``learn_timesteps=False`` holds the grid;
+* a correction θ on every non-zero entry of the rows a run from step 0 uses (the stored prediction D̂, the next
+  sample, the registers): row = base(λ) + |base(λ₀)| ⊙ Π θ. The base row is the scheduler's own solver rebuilt
+  on the current grid (linearised around it by central differences), so θ = 0 at the initial grid is the
+  scheduler itself, bit for bit.
+
+Consistency (zeroth order): Π projects each row's correction onto the corrections that change nothing on an exactly
+consistent run — x_i = α_i x₀ + σ_i ε with the exact model output of a point mass at x₀, i.e. δ·S = 0 where S (C × 2)
+holds each source's (x₀, ε) components on that run. The tuned plan therefore maps a consistent state to the same
+state as its base (which for our solvers is x_{i+1} = α_{i+1} x₀ + σ_{i+1} ε exactly). ``consistency=False`` drops Π.
+
+Loss: the mean squared error of the final sample against the teacher (``loss="final"``), or LD3's relaxed form
+(``loss="relaxed"``: per sample, only the RMS distance beyond ``slack`` counts; Tong et al., ICLR 2025).
+
+Validation: without held-out noises (``holdout``) the last ``validation_fraction`` of the fitting batch is held out
+*inside* the batch — the model still sees the whole batch, so per-sample conditions that follow the batch position
+stay aligned — and its loss, from the same forward pass, selects the parameters. Training stops when the validation
+loss has not improved for ``patience`` iterations (or after ``iters``); the best-on-validation parameters are
+returned, and never a plan worse than the base on validation (the base is iteration 0's candidate, and the final
+plan — timesteps rounded for discrete-time models — is checked again). Checkpoints after every iteration; a rerun
+resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from fastsampler import progress as progress_bars
+from fastsampler.plans.format import OUT_NEXT, OUT_STORE, Plan, src_slot
+from fastsampler.tuning.holdout import Holdout
+from fastsampler.tuning.model import tensor_digest
+from fastsampler.tuning.runner import advance, prediction, row_level, run, start, step_sources
+from fastsampler.tuning.timesteps import GridFamily, linearise
+
+LOSSES = ("final", "relaxed")
+MIN_IMPROVEMENT = 1e-4  # relative: smaller validation gains do not reset the patience
+
+
+@dataclass(frozen=True)
+class CoefficientSearch:
+    iters: int = 400
+    lr: float = 0.01  # on θ: relative corrections of the base coefficients
+    lr_time: float = 0.02  # on the grid parameters (as TimestepSearch)
+    learn_timesteps: bool = True
+    loss: str = "final"
+    slack: float = 0.0  # relaxed loss: RMS distance (per sample) that costs nothing
+    patience: int = 40
+    validation_fraction: float = 0.25
+    consistency: bool = True
+    fd_step: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if isinstance(self.iters, bool) or not isinstance(self.iters, int) or self.iters < 0:
+            raise ValueError(f"coefficients search: `iters` must be an integer ≥ 0, got {self.iters!r}")
+        for name in ("lr", "lr_time", "fd_step"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"coefficients search: `{name}` must be positive, got {getattr(self, name)!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"coefficients search: `loss` must be one of {LOSSES}, got {self.loss!r}")
+        if not self.slack >= 0:
+            raise ValueError(f"coefficients search: `slack` must be ≥ 0, got {self.slack!r}")
+        if isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 1:
+            raise ValueError(f"coefficients search: `patience` must be an integer ≥ 1, got {self.patience!r}")
+        if not 0.0 < self.validation_fraction < 1.0:
+            raise ValueError("coefficients search: `validation_fraction` must lie in (0, 1), got "
+                             f"{self.validation_fraction!r}")
+
+
+@dataclass
+class CoefficientReport:
+    num_steps: int
+    fit_losses: list[float] = field(default_factory=list)  # per iteration, on the fitting noises
+    validation_losses: list[float] = field(default_factory=list)  # per iteration, on the held-out noises
+    validation: str = ""  # "in-batch (last 16 of 64 noises)" or "held-out noises (32)"
+    best_iteration: int = 0
+    iterations: int = 0
+    stopped: str = ""  # why training ended
+    validation_base: float = math.nan
+    validation_tuned: float = math.nan  # the returned plan (timesteps rounded where the model needs integers)
+    rounding_cost: float = math.nan  # validation_tuned / best continuous validation loss
+    kept_base: bool = False
+    timesteps_learned: list[float] = field(default_factory=list)
+    model_evaluations: int = 0
+    seconds: float = 0.0
+
+
+# Consistency ------------------------------------------------------------------------------------------------
+def exact_output(prediction_type: str, alpha: float, sigma: float) -> tuple[float, float]:
+    """The (x₀, ε) components of the exact model output at x = α x₀ + σ ε for a point mass at x₀."""
+    return {"epsilon": (0.0, 1.0), "sample": (1.0, 0.0), "v_prediction": (-sigma, alpha),
+            "flow_prediction": (-1.0, 1.0)}[prediction_type]
+
+
+def consistent_sources(plan: Plan, prediction_type: str) -> np.ndarray:
+    """(N, 2, C, 2): per step, the sources its store row reads ([:, 0]) and its other rows read ([:, 1]) on an
+    exactly consistent run from step 0, each as its (x₀, ε) components."""
+    alpha, sigma = plan.alpha, plan.sigma
+    state = start(plan, torch.tensor([alpha[0], sigma[0]], dtype=torch.float64))
+    zero = torch.zeros(2, dtype=torch.float64)
+    out = np.zeros((plan.num_steps, 2, plan.coef.shape[-1], 2))
+    for i in range(plan.num_steps):
+        o = torch.tensor(exact_output(prediction_type, alpha[i], sigma[i]), dtype=torch.float64)
+        sources = [zero if s is None else s for s in step_sources(state, prediction(plan, i, state.x, o))]
+        out[i, 0] = torch.stack(sources).numpy()
+        after = advance(plan, state, o)
+        sources[src_slot(plan.num_registers, int(plan.write_slot[i]))] = after.history[int(plan.write_slot[i])]
+        out[i, 1] = torch.stack(sources).numpy()
+        state = after
+    return out
+
+
+def projectors(plan: Plan, support: np.ndarray, prediction_type: str) -> np.ndarray:
+    """(N, O, C, C): Π per used row, the projection onto corrections δ (on ``support``) with δ·S = 0."""
+    sources = consistent_sources(plan, prediction_type)
+    n, outputs, c = support.shape
+    pi = np.zeros((n, outputs, c, c))
+    for i in range(n):
+        for o in range(outputs):
+            s = sources[i, 0 if o == OUT_STORE else 1] * support[i, o][:, None]  # (C, 2)
+            pi[i, o] = np.diag(support[i, o].astype(float)) - s @ np.linalg.pinv(s, rcond=1e-12)
+    return pi
+
+
+# The tuned plan ---------------------------------------------------------------------------------------------
+def used_rows(plan: Plan) -> np.ndarray:
+    """(N, O, C): the rows a run from step 0 uses (level min(i, W − 1) for step i)."""
+    return np.stack([plan.coef[min(i, plan.levels - 1), i] for i in range(plan.num_steps)])
+
+
+def with_rows(plan: Plan, rows: np.ndarray, meta: dict) -> Plan:
+    """``plan`` whose rows used from step 0 are replaced by ``rows`` (other warm-up levels: img2img starts)."""
+    coef = plan.coef.copy()
+    for i in range(plan.num_steps):
+        coef[min(i, plan.levels - 1), i] = rows[i]
+    return replace(plan, coef=coef, meta={**dict(plan.meta), **meta})
+
+
+class Parametrisation:
+    """Grid parameters u (or none) and row corrections θ → the plan, as numpy (exact) or torch (differentiable)."""
+
+    def __init__(self, scheduler, search: CoefficientSearch):
+        self.scheduler, self.search = scheduler, search
+        self.base = scheduler.plan
+        self.family = GridFamily(scheduler) if search.learn_timesteps and self.base.num_steps > 1 else None
+        rows0 = used_rows(self.base)
+        self.support = rows0 != 0.0
+        self.scale = np.abs(rows0)
+        self.prediction_type = scheduler.config.prediction_type
+
+    def initial_u(self) -> torch.Tensor:
+        u = self.family.u_from(self.family.interior0) if self.family is not None else np.zeros(0)
+        return torch.tensor(u, dtype=torch.float64)
+
+    def plan_at(self, u: torch.Tensor, round_timesteps: bool = False) -> Plan:
+        """The base solver's plan on the grid of ``u`` (the scheduler's own plan when the grid is held)."""
+        if self.family is None:
+            return self.base
+        return self.family.plan(self.family.interior(u).numpy(), round_timesteps)
+
+    def correction(self, plan: Plan, theta: torch.Tensor) -> torch.Tensor:
+        """|base₀| ⊙ Π θ on the support (Π from ``plan``'s grid)."""
+        delta = torch.as_tensor(self.scale) * theta * torch.as_tensor(self.support)
+        if not self.search.consistency:
+            return delta
+        pi = torch.as_tensor(projectors(plan, self.support, self.prediction_type))
+        return torch.einsum("nocd,nod->noc", pi, delta)
+
+    def materialise(self, u: torch.Tensor, theta: torch.Tensor, round_timesteps: bool = False) -> Plan:
+        plan = self.plan_at(u, round_timesteps)
+        if not torch.any(theta != 0):
+            return plan
+        rows = used_rows(plan) + self.correction(plan, theta).detach().numpy()
+        return with_rows(plan, rows, {"tuned": "coefficients"})
+
+
+def sample(param: Parametrisation, u: torch.Tensor, theta: torch.Tensor, model: Callable, noise: torch.Tensor,
+           dtype: torch.dtype) -> torch.Tensor:
+    """The final sample of the plan at (u, θ), differentiable in both."""
+    if param.family is None:
+        plan = param.base
+        coef = torch.tensor(plan.coef, dtype=dtype)
+        out_map = torch.tensor(plan.out_map, dtype=dtype)
+        times = torch.tensor(np.array(plan.timesteps, dtype=np.float64), dtype=dtype)
+    else:
+        interior = param.family.interior(u.detach()).numpy()
+        plan, values, jac = linearise(param.family, interior, param.search.fd_step)
+        d_lambda = (param.family.interior(u) - torch.as_tensor(interior)).to(dtype)
+        coef, out_map, times = (torch.tensor(v, dtype=dtype) + torch.tensor(j, dtype=dtype) @ d_lambda
+                                for v, j in zip(values, jac))
+    delta = param.correction(plan, theta).to(dtype)
+    state = start(plan, noise)
+    for i in range(plan.num_steps):
+        row = coef[row_level(plan, state), i] + delta[i]
+        state = advance(plan, state, model(state.x, times[i]), coef=row, out_map=out_map[i])
+    return state.x
+
+
+def per_sample_loss(final: torch.Tensor, target: torch.Tensor, search: CoefficientSearch) -> torch.Tensor:
+    """(B,) the loss of each sample: mean squared error, or (relaxed) the squared RMS distance beyond ``slack``."""
+    mse = (final.to(torch.float64) - target.to(torch.float64)).pow(2).flatten(1).mean(1)
+    if search.loss == "relaxed":
+        return torch.relu(mse.clamp_min(1e-30).sqrt() - search.slack).pow(2)
+    return mse
+
+
+# Training ---------------------------------------------------------------------------------------------------
+def _key(plan: Plan, model, noise: torch.Tensor, target: torch.Tensor, search: CoefficientSearch, extra: str) -> str:
+    model_key = model.cache_key() if hasattr(model, "cache_key") else repr(model)
+    payload = json.dumps({"plan": plan.fingerprint(), "model": model_key, "noise": tensor_digest(noise),
+                          "target": tensor_digest(target), "search": asdict(search), "extra": extra}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+class Validation:
+    """Held-out noises (``holdout``) or the batch's own tail: the loss of candidate parameters there."""
+
+    def __init__(self, holdout: Holdout | None, batch: int, fraction: float):
+        self.holdout = holdout
+        held = 0 if holdout is not None else max(1, int(round(batch * fraction)))
+        if holdout is None and batch - held < 1:
+            raise ValueError(f"a batch of {batch} fitting noises cannot spare {held} for validation: pass more "
+                             "noises or `validation_noise`")
+        self.fit = torch.arange(batch - held)
+        self.held = torch.arange(batch - held, batch)
+        self.describe = (f"held-out noises ({holdout.noise.shape[0]})" if holdout is not None
+                         else f"in-batch (last {held} of {batch} fitting noises)")
+
+    def loss(self, per_sample: torch.Tensor, materialise: Callable[[], Plan]) -> float:
+        if self.holdout is not None:
+            return self.holdout.loss(materialise())
+        value = float(per_sample.detach()[self.held].mean())  # ok-sync: tuning, host side
+        return value if math.isfinite(value) else math.inf
+
+
+def learn_coefficients(scheduler, model: Callable, noise: torch.Tensor, target: torch.Tensor,
+                       search: CoefficientSearch = CoefficientSearch(), checkpoint: str | Path | None = None,
+                       progress: bool = True, holdout: Holdout | None = None) -> tuple[Plan, CoefficientReport]:
+    """Learn the coefficients (and time points) of the scheduler's current plan (after ``set_timesteps(N)``) so
+    its samples from ``noise`` approach ``target``, the teacher's final states; returns the plan and a report."""
+    began = time.perf_counter()
+    param = Parametrisation(scheduler, search)
+    dtype = torch.float64 if noise.dtype == torch.float64 else torch.float32
+    validation = Validation(holdout, noise.shape[0], search.validation_fraction)
+    report = CoefficientReport(param.base.num_steps, validation=validation.describe)
+    u = param.initial_u().requires_grad_(param.family is not None)
+    theta = torch.zeros(param.support.shape, dtype=torch.float64, requires_grad=True)
+    groups = [{"params": [theta], "lr": search.lr}] + ([{"params": [u], "lr": search.lr_time}]
+                                                      if param.family is not None else [])
+    optimiser = torch.optim.Adam(groups)
+    best = {"u": u.detach().clone(), "theta": theta.detach().clone(), "loss": math.inf, "iteration": 0}
+    first = 0
+    path = Path(checkpoint) if checkpoint is not None else None
+    key = _key(param.base, model, noise, target, search,
+               "" if holdout is None else tensor_digest(holdout.noise, holdout.target))
+    if path is not None and path.is_file():
+        saved = torch.load(path, weights_only=False)
+        if saved.get("key") == key:
+            with torch.no_grad():
+                u.copy_(saved["u"])
+                theta.copy_(saved["theta"])
+            optimiser.load_state_dict(saved["adam"])
+            best, first = saved["best"], saved["iteration"]
+            report.fit_losses, report.validation_losses = saved["fit_losses"], saved["validation_losses"]
+            report.model_evaluations = saved["model_evaluations"]
+            report.validation_base = report.validation_losses[0] if report.validation_losses else math.nan
+    bar = progress_bars.bar(range(first, search.iters + 1), desc=f"coefficients ({param.base.num_steps} steps)",
+                            enabled=progress)
+    report.stopped = f"iteration limit ({search.iters})"
+    for it in bar:
+        if it - best["iteration"] > search.patience:
+            report.stopped = f"validation plateau (no gain for {search.patience} iterations)"
+            break
+        optimiser.zero_grad()
+        final = sample(param, u, theta, model, noise, dtype)
+        losses = per_sample_loss(final, target, search)
+        fit_loss = losses[validation.fit].mean()
+        report.model_evaluations += param.base.num_steps
+        report.fit_losses.append(float(fit_loss.detach()))  # ok-sync: tuning, host side
+        score = validation.loss(losses, lambda: param.materialise(u.detach(), theta.detach()))
+        report.validation_losses.append(score)
+        if it == 0:
+            report.validation_base = score
+        if score < best["loss"] * (1 - MIN_IMPROVEMENT) or it == 0:
+            best = {"u": u.detach().clone(), "theta": theta.detach().clone(), "loss": score, "iteration": it}
+        bar.set_postfix(fit=f"{report.fit_losses[-1]:.4g}", val=f"{score:.4g}", best=f"{best['loss']:.4g}")
+        if it < search.iters and torch.isfinite(fit_loss):
+            fit_loss.backward()
+            optimiser.step()
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            torch.save({"key": key, "u": u.detach(), "theta": theta.detach(), "adam": optimiser.state_dict(),
+                        "best": best, "iteration": it + 1, "fit_losses": report.fit_losses,
+                        "validation_losses": report.validation_losses,
+                        "model_evaluations": report.model_evaluations}, tmp)
+            os.replace(tmp, path)
+    report.iterations = len(report.fit_losses)
+    report.best_iteration = best["iteration"]
+    tuned = _final_plan(scheduler, param, best, model, noise, target, search, validation, report)
+    report.timesteps_learned = [float(t) for t in tuned.timesteps]
+    report.seconds = time.perf_counter() - began
+    return tuned, report
+
+
+def _final_plan(scheduler, param: Parametrisation, best: dict, model, noise, target, search, validation,
+                report: CoefficientReport) -> Plan:
+    """The best parameters as a plan (integer timesteps where the model's schedule is discrete), checked again on
+    validation; the base plan if it is not better there."""
+    if best["iteration"] == 0:
+        report.validation_tuned, report.kept_base, report.rounding_cost = report.validation_base, True, 1.0
+        return param.base
+    discrete = scheduler.timesteps.dtype == torch.int64
+    tuned = param.materialise(best["u"], best["theta"], round_timesteps=discrete)
+    if validation.holdout is not None:
+        score = validation.holdout.loss(tuned)
+    else:
+        with torch.no_grad():
+            final, _ = run(tuned, model, noise)
+        score = validation.loss(per_sample_loss(final, target, search), lambda: tuned)
+        report.model_evaluations += tuned.num_steps
+    report.rounding_cost = score / best["loss"] if best["loss"] > 0 else 1.0
+    if not score < report.validation_base:
+        report.validation_tuned, report.kept_base = report.validation_base, True
+        return param.base
+    report.validation_tuned = score
+    return tuned

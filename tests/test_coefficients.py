@@ -1,0 +1,180 @@
+"""``fastsampler.tune(method="coefficients")``: learned solver coefficients and time points (S4S-Alt-style)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import fastsampler
+from fastsampler import DEISScheduler, DPMSolverPlusPlusScheduler, UniPCScheduler
+from fastsampler.tuning.coefficients import (CoefficientSearch, Parametrisation, consistent_sources, exact_output,
+                                             learn_coefficients, sample)
+from fastsampler.tuning.holdout import Holdout
+from fastsampler.tuning.runner import advance, run, start
+from fastsampler.tuning.teacher import TeacherSpec, teacher_trajectories
+from test_tuning import SD, mixture
+
+FLOW = dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0)
+QUICK = dict(iters=12, patience=50, lr=0.02)
+
+
+def fitted(scheduler, n: int, batch: int = 16, seed: int = 3, guidance: float | None = None, **search):
+    scheduler.set_timesteps(n)
+    model, noise = mixture(scheduler.config, batch, seed, guidance)
+    target = teacher_trajectories(scheduler, model, noise, TeacherSpec(steps=60), None, progress=False)[-1]
+    plan, report = learn_coefficients(scheduler, model, noise, target, CoefficientSearch(**{**QUICK, **search}),
+                                      progress=False)
+    return plan, report, model, noise, target
+
+
+def consistent_final(plan, prediction_type: str) -> torch.Tensor:
+    """The (x₀, ε) components of the final sample of an exactly consistent run (a point mass, exact model)."""
+    state = start(plan, torch.tensor([plan.alpha[0], plan.sigma[0]], dtype=torch.float64))
+    for i in range(plan.num_steps):
+        o = torch.tensor(exact_output(prediction_type, plan.alpha[i], plan.sigma[i]), dtype=torch.float64)
+        state = advance(plan, state, o)
+    return state.x
+
+
+@pytest.mark.parametrize("learn_timesteps", [False, True])
+def test_iteration_zero_is_the_base_scheduler(learn_timesteps):
+    s = UniPCScheduler(**SD)
+    s.set_timesteps(5)
+    model, noise = mixture(s.config, 6, 1)
+    param = Parametrisation(s, CoefficientSearch(learn_timesteps=learn_timesteps))
+    theta = torch.zeros(param.support.shape, dtype=torch.float64)
+    with torch.no_grad():
+        ours = sample(param, param.initial_u(), theta, model, noise, torch.float64)
+        base, _ = run(s.plan, model, noise)
+    torch.testing.assert_close(ours, base, rtol=1e-9, atol=1e-9)
+    plan, report, *_ = fitted(s, 5, iters=0)
+    assert plan is s.plan and report.kept_base and report.iterations == 1
+
+
+@pytest.mark.parametrize("make", [lambda: UniPCScheduler(**SD), lambda: DPMSolverPlusPlusScheduler(**SD, solver_order=3),
+                                  lambda: DEISScheduler(**SD), lambda: UniPCScheduler(**FLOW),
+                                  lambda: DPMSolverPlusPlusScheduler(**{**SD, "prediction_type": "v_prediction"})])
+def test_the_learned_plan_keeps_first_order_consistency(make):
+    """On an exactly consistent run the tuned plan ends where its base does (x_N = α_N x₀ + σ_N ε); without the
+    projection the learned corrections break it — so the check can fail."""
+    s = make()
+    plan, report, *_ = fitted(s, 5, validation_fraction=0.25, patience=100)
+    pt = s.config.prediction_type
+    expected = consistent_final(s.plan, pt)
+    torch.testing.assert_close(expected, torch.tensor([plan.alpha[-1], plan.sigma[-1]], dtype=torch.float64),
+                               rtol=1e-9, atol=1e-9)
+    param = Parametrisation(s, CoefficientSearch(learn_timesteps=False))
+    theta = torch.randn(param.support.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    projected = param.materialise(param.initial_u(), 0.1 * theta)
+    torch.testing.assert_close(consistent_final(projected, pt), expected, rtol=1e-9, atol=1e-9)
+    loose = Parametrisation(s, CoefficientSearch(learn_timesteps=False, consistency=False))
+    assert (consistent_final(loose.materialise(loose.initial_u(), 0.1 * theta), pt) - expected).abs().max() > 1e-4
+    if not report.kept_base:
+        assert report.validation_tuned < report.validation_base
+        torch.testing.assert_close(consistent_final(plan, pt), expected, rtol=1e-8, atol=1e-8)
+
+
+def test_consistent_sources_follow_the_exact_run():
+    """The (x₀, ε) components the projection uses: the sample is (α_i, σ_i) at every node of a consistent run."""
+    s = UniPCScheduler(**SD)
+    s.set_timesteps(6)
+    sources = consistent_sources(s.plan, "epsilon")
+    for i in range(6):
+        torch.testing.assert_close(torch.as_tensor(sources[i, 0, 0]),
+                                   torch.tensor([s.plan.alpha[i], s.plan.sigma[i]], dtype=torch.float64))
+        torch.testing.assert_close(torch.as_tensor(sources[i, 0, 1]), torch.tensor([1.0, 0.0], dtype=torch.float64))
+
+
+def test_learning_lowers_the_fitting_loss_and_validation_chooses():
+    s = UniPCScheduler(**SD)
+    plan, report, model, noise, target = fitted(s, 5, batch=24, iters=30)
+    assert report.fit_losses[-1] < report.fit_losses[0]
+    assert report.validation == "in-batch (last 6 of 24 fitting noises)"
+    assert report.validation_tuned <= report.validation_base
+    assert report.stopped and report.iterations == len(report.validation_losses)
+    assert plan.meta.get("tuned") == "coefficients" or report.kept_base
+
+
+def test_validation_never_returns_a_plan_worse_than_the_base():
+    """Held-out targets that the base plan meets exactly: any learned change is worse there, so the base returns."""
+    s = UniPCScheduler(**SD)
+    s.set_timesteps(4)
+    model, noise = mixture(s.config, 8, 5)
+    held_model, held = mixture(s.config, 8, 6)
+    with torch.no_grad():
+        own, _ = run(s.plan, held_model, held)
+    target = teacher_trajectories(s, model, noise, TeacherSpec(steps=60), None, progress=False)[-1]
+    plan, report = learn_coefficients(s, model, noise, target, CoefficientSearch(**QUICK), progress=False,
+                                      holdout=Holdout(held_model, held, own))
+    assert report.kept_base and plan is s.plan and report.validation_base < 1e-20
+    assert report.validation == "held-out noises (8)"
+
+
+def test_a_killed_run_resumes_to_the_same_plan(tmp_path):
+    s = UniPCScheduler(**SD)
+    s.set_timesteps(4)
+    model, noise = mixture(s.config, 8, 7)
+    target = teacher_trajectories(s, model, noise, TeacherSpec(steps=60), None, progress=False)[-1]
+    search = CoefficientSearch(iters=8, patience=50, lr=0.05)
+    whole, _ = learn_coefficients(s, model, noise, target, search, progress=False)
+
+    class Killed(Exception):
+        pass
+
+    calls = []
+
+    def dying(x, t):
+        calls.append(1)
+        if len(calls) > 4 * 5:  # dies during the sixth iteration
+            raise Killed
+        return model(x, t)
+
+    dying.cache_key = model.cache_key
+    with pytest.raises(Killed):
+        learn_coefficients(s, dying, noise, target, search, tmp_path / "ck.pt", progress=False)
+    resumed, report = learn_coefficients(s, model, noise, target, search, tmp_path / "ck.pt", progress=False)
+    assert report.iterations == 9
+    assert not report.kept_base  # the resumed run knows its base's validation loss
+    np.testing.assert_allclose(resumed.coef, whole.coef, rtol=1e-12, atol=1e-12)
+    assert list(resumed.timesteps) == list(whole.timesteps)
+
+
+def test_tune_coefficients_saves_and_loads_in_a_pipeline(tmp_path):
+    """The tuned plan travels in a pipeline folder and gives the same images after loading."""
+    pytest.importorskip("transformers")
+    from diffusers import DDPMPipeline, UNet2DModel
+
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 8),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4)
+    s = UniPCScheduler(**SD)
+    pipe = DDPMPipeline(unet=unet, scheduler=s)
+    noise = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    tuned = fastsampler.tune(s, pipe, noise, 4, method="coefficients", cache_dir=None, progress=False,
+                             teacher="dpmsolver++3:20", iters=6, lr=0.05, patience=50)
+    entry = tuned.tuning_report["steps"][4]
+    assert not entry["kept_base"] and tuned.plans[4].meta["tuned"] == "coefficients"
+    assert {"fit_losses", "validation_losses", "iterations", "stopped", "validation_base"} <= set(entry)
+    pipe.scheduler = tuned
+    pipe.save_pretrained(tmp_path)
+    from diffusers import DiffusionPipeline
+
+    back = DiffusionPipeline.from_pretrained(tmp_path)
+    assert type(back.scheduler) is UniPCScheduler and set(back.scheduler.plans) == {4}
+    assert back.scheduler.plans[4].fingerprint() == tuned.plans[4].fingerprint()
+    images = []
+    for scheduler in (back.scheduler, tuned):  # the same (reloaded) UNet: only the scheduler differs
+        back.scheduler = scheduler
+        images.append(back(batch_size=2, num_inference_steps=4, output_type="np",
+                           generator=torch.Generator().manual_seed(1)).images)
+    assert (images[0] == images[1]).all()
+
+
+def test_bad_options_are_named():
+    s = UniPCScheduler(**SD)
+    model, noise = mixture(s.config, 4, 1)
+    for options, name in ((dict(loss="l1"), "loss"), (dict(validation_fraction=1.0), "validation_fraction"),
+                          (dict(patience=0), "patience"), (dict(iters=-1), "iters")):
+        with pytest.raises(ValueError, match=name):
+            fastsampler.tune(s, model, noise, 4, method="coefficients", cache_dir=None, progress=False, **options)
