@@ -13,7 +13,6 @@ Each name is looked up in a fresh interpreter whose ``sys.path`` has these folde
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

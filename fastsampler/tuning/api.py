@@ -104,9 +104,37 @@ def _tune_dc(student, fit_model, noise, reference, n, options: dict, checkpoint_
 def _tune_timesteps(student, fit_model, noise, reference, n, options: dict, checkpoint_dir, progress, holdout, ctx):
     from fastsampler.tuning.timesteps import TimestepSearch, learn_timesteps
 
+    search_kind = options.get("search", "adam")
+    if search_kind not in TIMESTEP_SEARCHES:
+        raise ValueError(f"method='timesteps': `search` must be one of {TIMESTEP_SEARCHES}, got {search_kind!r}")
+    if search_kind == "nelder-mead":
+        return _tune_timesteps_nelder_mead(student, fit_model, noise, reference, n, options, checkpoint_dir, progress,
+                                           holdout)
+    wrong = set(options) & set(NELDER_MEAD_OPTIONS) - {"search"}
+    if wrong:
+        raise ValueError(f"{sorted(wrong)} apply to method='timesteps' with search='nelder-mead'")
+
     search = TimestepSearch(**{k: options[k] for k in ("iters", "lr", "fd_step") if k in options})
     checkpoint = Path(checkpoint_dir) / f"timesteps_{n}.json" if checkpoint_dir is not None else None
     plan, result = learn_timesteps(student, fit_model, noise, reference[-1], search, checkpoint, progress, holdout)
+    return plan, asdict(result), asdict(search)
+
+
+TIMESTEP_SEARCHES = ("adam", "nelder-mead")
+NELDER_MEAD_OPTIONS = ("search", "max_evaluations", "validation_fraction", "initial_step")
+
+
+def _tune_timesteps_nelder_mead(student, fit_model, noise, reference, n, options: dict, checkpoint_dir, progress,
+                                holdout):
+    from fastsampler.tuning.nelder_mead import NelderMeadSearch, fit_timesteps_nelder_mead
+
+    wrong = set(options) - set(NELDER_MEAD_OPTIONS)
+    if wrong:
+        raise ValueError(f"{sorted(wrong)} do not apply to search='nelder-mead' (it takes {NELDER_MEAD_OPTIONS[1:]})")
+    search = NelderMeadSearch(**{k: options[k] for k in NELDER_MEAD_OPTIONS[1:] if k in options})
+    checkpoint = Path(checkpoint_dir) / f"nelder_mead_{n}.json" if checkpoint_dir is not None else None
+    plan, result = fit_timesteps_nelder_mead(student, fit_model, noise, reference[-1], search, checkpoint, progress,
+                                             holdout)
     return plan, asdict(result), asdict(search)
 
 
@@ -120,7 +148,7 @@ def _tune_coefficients(student, fit_model, noise, reference, n, options: dict, c
     return plan, asdict(result), asdict(search)
 
 
-COEFFICIENT_OPTIONS = ("iters", "lr", "lr_time", "learn_timesteps", "loss", "slack", "patience",
+COEFFICIENT_OPTIONS = ("iters", "lr", "lr_time", "learn_timesteps", "loss", "slack", "patience", "lr_decays",
                        "validation_fraction", "consistency", "fd_step")
 
 
@@ -141,7 +169,7 @@ def _tune_s3(student, fit_model, noise, reference, n, options: dict, checkpoint_
 
 
 _METHODS = {"dc": (_tune_dc, {"search", "iters", "lr", "weight_decay", "bounds", "dc_order", "objective"}),
-            "timesteps": (_tune_timesteps, {"iters", "lr", "fd_step"}),
+            "timesteps": (_tune_timesteps, {"iters", "lr", "fd_step", *NELDER_MEAD_OPTIONS}),
             "coefficients": (_tune_coefficients, set(COEFFICIENT_OPTIONS)),
             "s3": (_tune_s3, {"budget_evaluations", "budget_seconds", "warmup", "round_size", "keep", "max_order",
                               "search_grid", "grid_power_range", "seed", "storage", "scorer", "validate_top"})}
@@ -167,8 +195,10 @@ def tune(scheduler, model, noise: torch.Tensor, num_inference_steps: int | Seque
 
     ``method="dc"`` options: ``search`` ("gradient" | "scan"), ``iters``, ``lr``, ``weight_decay``, ``bounds``,
     ``dc_order``, ``objective`` ("next" | "final") (``fastsampler.tuning.dc.DCSearch``). ``method="timesteps"``: ``iters``, ``lr``, ``fd_step``
-    (``fastsampler.tuning.timesteps.TimestepSearch``). ``method="coefficients"``: ``iters``, ``lr``, ``lr_time``,
-    ``learn_timesteps``, ``loss`` ("final" | "relaxed"), ``slack``, ``patience``, ``validation_fraction``,
+    (``fastsampler.tuning.timesteps.TimestepSearch``); with ``search="nelder-mead"`` the baseline every method must
+    beat, a derivative-free fit of the same time points: ``max_evaluations``, ``validation_fraction``,
+    ``initial_step`` (``fastsampler.tuning.nelder_mead.NelderMeadSearch``). ``method="coefficients"``: ``iters``, ``lr``, ``lr_time``,
+    ``learn_timesteps``, ``loss`` ("final" | "relaxed"), ``slack``, ``patience``, ``lr_decays``, ``validation_fraction``,
     ``consistency``, ``fd_step`` (``fastsampler.tuning.coefficients.CoefficientSearch``). ``method="s3"``: ``budget_evaluations``, ``budget_seconds``,
     ``warmup``, ``round_size``, ``keep``, ``max_order``, ``search_grid``, ``grid_power_range``, ``seed``,
     ``validate_top``, ``storage``, ``scorer`` (``fastsampler.tuning.s3.S3Search``; a ``scorer`` of the final samples,

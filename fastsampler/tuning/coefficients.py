@@ -20,8 +20,9 @@ Loss: the mean squared error of the final sample against the teacher (``loss="fi
 
 Validation: without held-out noises (``holdout``) the last ``validation_fraction`` of the fitting batch is held out
 *inside* the batch — the model still sees the whole batch, so per-sample conditions that follow the batch position
-stay aligned — and its loss, from the same forward pass, selects the parameters. Training stops when the validation
-loss has not improved for ``patience`` iterations (or after ``iters``); the best-on-validation parameters are
+stay aligned — and its loss, from the same forward pass, selects the parameters. When it has not improved for
+``patience`` iterations, training returns to the best parameters with half the step size (LD3's schedule); after
+``lr_decays`` halvings (or ``iters`` iterations) it stops; the best-on-validation parameters are
 returned, and never a plan worse than the base on validation (the base is iteration 0's candidate, and the final
 plan — timesteps rounded for discrete-time models — is checked again). Checkpoints after every iteration; a rerun
 resumes.
@@ -29,12 +30,10 @@ resumes.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -42,9 +41,9 @@ import numpy as np
 import torch
 
 from fastsampler import progress as progress_bars
-from fastsampler.plans.format import OUT_NEXT, OUT_STORE, Plan, src_slot
+from fastsampler.plans.format import OUT_STORE, Plan, src_slot
 from fastsampler.tuning.holdout import Holdout
-from fastsampler.tuning.model import tensor_digest
+from fastsampler.tuning.model import search_key, tensor_digest
 from fastsampler.tuning.runner import advance, prediction, row_level, run, start, step_sources
 from fastsampler.tuning.timesteps import GridFamily, linearise
 
@@ -60,7 +59,8 @@ class CoefficientSearch:
     learn_timesteps: bool = True
     loss: str = "final"
     slack: float = 0.0  # relaxed loss: RMS distance (per sample) that costs nothing
-    patience: int = 40
+    patience: int = 20  # iterations without a validation gain before the step size halves (LD3)
+    lr_decays: int = 3  # halvings before training stops
     validation_fraction: float = 0.25
     consistency: bool = True
     fd_step: float = 1e-5
@@ -75,6 +75,8 @@ class CoefficientSearch:
             raise ValueError(f"coefficients search: `loss` must be one of {LOSSES}, got {self.loss!r}")
         if not self.slack >= 0:
             raise ValueError(f"coefficients search: `slack` must be ≥ 0, got {self.slack!r}")
+        if isinstance(self.lr_decays, bool) or not isinstance(self.lr_decays, int) or self.lr_decays < 0:
+            raise ValueError(f"coefficients search: `lr_decays` must be an integer ≥ 0, got {self.lr_decays!r}")
         if isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 1:
             raise ValueError(f"coefficients search: `patience` must be an integer ≥ 1, got {self.patience!r}")
         if not 0.0 < self.validation_fraction < 1.0:
@@ -211,22 +213,16 @@ def sample(param: Parametrisation, u: torch.Tensor, theta: torch.Tensor, model: 
     return state.x
 
 
-def per_sample_loss(final: torch.Tensor, target: torch.Tensor, search: CoefficientSearch) -> torch.Tensor:
-    """(B,) the loss of each sample: mean squared error, or (relaxed) the squared RMS distance beyond ``slack``."""
+def per_sample_loss(final: torch.Tensor, target: torch.Tensor, loss: str = "final", slack: float = 0.0) -> torch.Tensor:
+    """(B,) the loss of each sample: mean squared error, or (``"relaxed"``) the squared RMS distance beyond
+    ``slack``."""
     mse = (final.to(torch.float64) - target.to(torch.float64)).pow(2).flatten(1).mean(1)
-    if search.loss == "relaxed":
-        return torch.relu(mse.clamp_min(1e-30).sqrt() - search.slack).pow(2)
+    if loss == "relaxed":
+        return torch.relu(mse.clamp_min(1e-30).sqrt() - slack).pow(2)
     return mse
 
 
 # Training ---------------------------------------------------------------------------------------------------
-def _key(plan: Plan, model, noise: torch.Tensor, target: torch.Tensor, search: CoefficientSearch, extra: str) -> str:
-    model_key = model.cache_key() if hasattr(model, "cache_key") else repr(model)
-    payload = json.dumps({"plan": plan.fingerprint(), "model": model_key, "noise": tensor_digest(noise),
-                          "target": tensor_digest(target), "search": asdict(search), "extra": extra}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:24]
-
-
 class Validation:
     """Held-out noises (``holdout``) or the batch's own tail: the loss of candidate parameters there."""
 
@@ -264,10 +260,11 @@ def learn_coefficients(scheduler, model: Callable, noise: torch.Tensor, target: 
                                                       if param.family is not None else [])
     optimiser = torch.optim.Adam(groups)
     best = {"u": u.detach().clone(), "theta": theta.detach().clone(), "loss": math.inf, "iteration": 0}
+    schedule = {"decays": 0, "since": 0}
     first = 0
     path = Path(checkpoint) if checkpoint is not None else None
-    key = _key(param.base, model, noise, target, search,
-               "" if holdout is None else tensor_digest(holdout.noise, holdout.target))
+    key = search_key(param.base, model, noise, target, search,
+                     extra="" if holdout is None else tensor_digest(holdout.noise, holdout.target))
     if path is not None and path.is_file():
         saved = torch.load(path, weights_only=False)
         if saved.get("key") == key:
@@ -275,7 +272,7 @@ def learn_coefficients(scheduler, model: Callable, noise: torch.Tensor, target: 
                 u.copy_(saved["u"])
                 theta.copy_(saved["theta"])
             optimiser.load_state_dict(saved["adam"])
-            best, first = saved["best"], saved["iteration"]
+            best, first, schedule = saved["best"], saved["iteration"], saved["schedule"]
             report.fit_losses, report.validation_losses = saved["fit_losses"], saved["validation_losses"]
             report.model_evaluations = saved["model_evaluations"]
             report.validation_base = report.validation_losses[0] if report.validation_losses else math.nan
@@ -283,12 +280,21 @@ def learn_coefficients(scheduler, model: Callable, noise: torch.Tensor, target: 
                             enabled=progress)
     report.stopped = f"iteration limit ({search.iters})"
     for it in bar:
-        if it - best["iteration"] > search.patience:
-            report.stopped = f"validation plateau (no gain for {search.patience} iterations)"
-            break
+        if it - max(best["iteration"], schedule["since"]) > search.patience:
+            if schedule["decays"] >= search.lr_decays:
+                report.stopped = (f"validation plateau (no gain for {search.patience} iterations after "
+                                  f"{search.lr_decays} step-size halvings)")
+                break
+            # LD3's schedule: back to the best parameters with half the step size
+            with torch.no_grad():
+                u.copy_(best["u"])
+                theta.copy_(best["theta"])
+            for group in optimiser.param_groups:
+                group["lr"] *= 0.5
+            schedule = {"decays": schedule["decays"] + 1, "since": it}
         optimiser.zero_grad()
         final = sample(param, u, theta, model, noise, dtype)
-        losses = per_sample_loss(final, target, search)
+        losses = per_sample_loss(final, target, search.loss, search.slack)
         fit_loss = losses[validation.fit].mean()
         report.model_evaluations += param.base.num_steps
         report.fit_losses.append(float(fit_loss.detach()))  # ok-sync: tuning, host side
@@ -306,7 +312,7 @@ def learn_coefficients(scheduler, model: Callable, noise: torch.Tensor, target: 
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             torch.save({"key": key, "u": u.detach(), "theta": theta.detach(), "adam": optimiser.state_dict(),
-                        "best": best, "iteration": it + 1, "fit_losses": report.fit_losses,
+                        "best": best, "schedule": schedule, "iteration": it + 1, "fit_losses": report.fit_losses,
                         "validation_losses": report.validation_losses,
                         "model_evaluations": report.model_evaluations}, tmp)
             os.replace(tmp, path)
@@ -332,7 +338,7 @@ def _final_plan(scheduler, param: Parametrisation, best: dict, model, noise, tar
     else:
         with torch.no_grad():
             final, _ = run(tuned, model, noise)
-        score = validation.loss(per_sample_loss(final, target, search), lambda: tuned)
+        score = validation.loss(per_sample_loss(final, target, search.loss, search.slack), lambda: tuned)
         report.model_evaluations += tuned.num_steps
     report.rounding_cost = score / best["loss"] if best["loss"] > 0 else 1.0
     if not score < report.validation_base:

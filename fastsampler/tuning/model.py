@@ -19,6 +19,7 @@ only for the same model and conditions.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
@@ -64,6 +65,17 @@ def tensor_digest(*tensors: torch.Tensor | None) -> str:
         h.update(f"{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def search_key(plan, model, noise: torch.Tensor, target: torch.Tensor, search: Any, **extra: Any) -> str:
+    """A short digest of what a search's checkpoint depends on: the starting plan, the model, the noises, the
+    teacher's targets, the search settings (a dataclass) and ``extra``."""
+    from dataclasses import asdict
+
+    model_key = model.cache_key() if hasattr(model, "cache_key") else repr(model)
+    payload = json.dumps({"plan": plan.fingerprint(), "model": model_key, "noise": tensor_digest(noise),
+                          "target": tensor_digest(target), "search": asdict(search), **extra}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
 def _timestep_batch(t: float | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:

@@ -22,12 +22,11 @@ levels are kept, as for Karras grids).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -39,7 +38,7 @@ from fastsampler.plans.format import Plan
 from fastsampler.samplers.rules import Nodes, compile_plan
 from fastsampler.schedules.grids import Grid
 from fastsampler.tuning.holdout import Holdout
-from fastsampler.tuning.model import tensor_digest
+from fastsampler.tuning.model import search_key
 from fastsampler.tuning.runner import advance, start
 
 
@@ -154,13 +153,6 @@ def sample_with_grad(plan: Plan, values, jac, d_lambda: torch.Tensor, model: Cal
     return state.x, plan.num_steps
 
 
-def _key(plan: Plan, model, noise: torch.Tensor, target: torch.Tensor, search: TimestepSearch) -> str:
-    model_key = model.cache_key() if hasattr(model, "cache_key") else repr(model)
-    payload = json.dumps({"plan": plan.fingerprint(), "model": model_key, "noise": tensor_digest(noise),
-                          "target": tensor_digest(target), "search": asdict(search)}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:24]
-
-
 def learn_timesteps(scheduler, model: Callable, noise: torch.Tensor, target: torch.Tensor,
                     search: TimestepSearch = TimestepSearch(), checkpoint: str | Path | None = None,
                     progress: bool = True, holdout: Holdout | None = None) -> tuple[Plan, TimestepReport]:
@@ -172,9 +164,9 @@ def learn_timesteps(scheduler, model: Callable, noise: torch.Tensor, target: tor
     dtype = torch.float64 if noise.dtype == torch.float64 else torch.float32
     report = TimestepReport(family.n, timesteps_initial=[float(t) for t in scheduler.plan.timesteps])
     path = Path(checkpoint) if checkpoint is not None else None
-    key = _key(scheduler.plan, model, noise, target, search)
+    key = search_key(scheduler.plan, model, noise, target, search)
     if holdout is not None:
-        key += _key(scheduler.plan, holdout.model, holdout.noise, holdout.target, search)[:8]
+        key += search_key(scheduler.plan, holdout.model, holdout.noise, holdout.target, search)[:8]
     u = torch.tensor(family.u_from(family.interior0), dtype=torch.float64, requires_grad=True)
     optimiser = torch.optim.Adam([u], lr=search.lr)
     best_u, best_loss, best_fit, first = u.detach().clone(), math.inf, math.inf, 0
