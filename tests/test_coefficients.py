@@ -16,7 +16,7 @@ from fastsampler.tuning.teacher import TeacherSpec, teacher_trajectories
 from test_tuning import SD, mixture
 
 FLOW = dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0)
-QUICK = dict(iters=12, patience=50, lr=0.02)
+QUICK = dict(iters=12, patience=50, lr=0.02, init="base")
 
 
 def fitted(scheduler, n: int, batch: int = 16, seed: int = 3, guidance: float | None = None, **search):
@@ -116,7 +116,7 @@ def test_a_killed_run_resumes_to_the_same_plan(tmp_path):
     s.set_timesteps(4)
     model, noise = mixture(s.config, 8, 7)
     target = teacher_trajectories(s, model, noise, TeacherSpec(steps=60), None, progress=False)[-1]
-    search = CoefficientSearch(iters=8, patience=50, lr=0.05)
+    search = CoefficientSearch(iters=8, patience=50, lr=0.05, init="base")
     whole, _ = learn_coefficients(s, model, noise, target, search, progress=False)
 
     class Killed(Exception):
@@ -152,7 +152,7 @@ def test_tune_coefficients_saves_and_loads_in_a_pipeline(tmp_path):
     pipe = DDPMPipeline(unet=unet, scheduler=s)
     noise = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     tuned = fastsampler.tune(s, pipe, noise, 4, method="coefficients", cache_dir=None, progress=False,
-                             teacher="dpmsolver++3:20", iters=6, lr=0.05, patience=50)
+                             teacher="dpmsolver++3:20", iters=6, lr=0.05, patience=50, init="base")
     entry = tuned.tuning_report["steps"][4]
     assert not entry["kept_base"] and tuned.plans[4].meta["tuned"] == "coefficients"
     assert {"fit_losses", "validation_losses", "iterations", "stopped", "validation_base"} <= set(entry)
@@ -174,7 +174,24 @@ def test_tune_coefficients_saves_and_loads_in_a_pipeline(tmp_path):
 def test_bad_options_are_named():
     s = UniPCScheduler(**SD)
     model, noise = mixture(s.config, 4, 1)
-    for options, name in ((dict(loss="l1"), "loss"), (dict(validation_fraction=1.0), "validation_fraction"),
+    for options, name in ((dict(loss="l1"), "loss"), (dict(init="s3"), "init"), (dict(validation_fraction=1.0), "validation_fraction"),
                           (dict(patience=0), "patience"), (dict(iters=-1), "iters")):
         with pytest.raises(ValueError, match=name):
             fastsampler.tune(s, model, noise, 4, method="coefficients", cache_dir=None, progress=False, **options)
+
+
+def test_training_starts_from_the_baseline_and_is_never_worse_than_it_on_validation(tmp_path):
+    """``init="nelder-mead"``: the search contains the baseline's result (its starting point) and returns the best
+    on validation of the scheduler's plan, the baseline's plan and the learned one; a rerun resumes both stages."""
+    s = UniPCScheduler(**SD)
+    search = dict(iters=15, patience=50, lr=0.02, init="nelder-mead", init_evaluations=40)
+    plan, report, model, noise, target = fitted(s, 5, batch=16, guidance=7.5, **search)
+    start = report.start
+    assert start["evaluations"] >= 40 and start["validation_base"] == pytest.approx(report.validation_base)
+    assert report.validation_start == start["validation_tuned"] <= report.validation_base
+    assert report.validation_tuned <= min(report.validation_base, start["validation_tuned"]) * (1 + 1e-9)
+    if report.kept_start:
+        assert list(plan.timesteps) == start["timesteps_learned"]
+    again, _ = learn_coefficients(s, model, noise, target, CoefficientSearch(**search), tmp_path / "c.pt",
+                                  progress=False)
+    np.testing.assert_allclose(again.coef, plan.coef, rtol=1e-10, atol=1e-12)

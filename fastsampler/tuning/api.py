@@ -149,7 +149,7 @@ def _tune_coefficients(student, fit_model, noise, reference, n, options: dict, c
 
 
 COEFFICIENT_OPTIONS = ("iters", "lr", "lr_time", "learn_timesteps", "loss", "slack", "patience", "lr_decays",
-                       "validation_fraction", "consistency", "fd_step")
+                       "validation_fraction", "consistency", "init", "init_evaluations", "fd_step")
 
 
 def _tune_s3(student, fit_model, noise, reference, n, options: dict, checkpoint_dir, progress, holdout, ctx):
@@ -199,7 +199,8 @@ def tune(scheduler, model, noise: torch.Tensor, num_inference_steps: int | Seque
     beat, a derivative-free fit of the same time points: ``max_evaluations``, ``validation_fraction``,
     ``initial_step`` (``fastsampler.tuning.nelder_mead.NelderMeadSearch``). ``method="coefficients"``: ``iters``, ``lr``, ``lr_time``,
     ``learn_timesteps``, ``loss`` ("final" | "relaxed"), ``slack``, ``patience``, ``lr_decays``, ``validation_fraction``,
-    ``consistency``, ``fd_step`` (``fastsampler.tuning.coefficients.CoefficientSearch``). ``method="s3"``: ``budget_evaluations``, ``budget_seconds``,
+    ``consistency``, ``init`` ("nelder-mead" | "base"), ``init_evaluations``, ``fd_step``
+    (``fastsampler.tuning.coefficients.CoefficientSearch``). ``method="s3"``: ``budget_evaluations``, ``budget_seconds``,
     ``warmup``, ``round_size``, ``keep``, ``max_order``, ``search_grid``, ``grid_power_range``, ``seed``,
     ``validate_top``, ``storage``, ``scorer`` (``fastsampler.tuning.s3.S3Search``; a ``scorer`` of the final samples,
     lower is better, replaces the teacher error in the search and in the held-out selection). The returned scheduler's ``tuning_report`` holds, per step

@@ -4,7 +4,9 @@
 Parameters, learned jointly by Adam against the teacher's final samples (a global loss):
 
 * the N − 1 interior time points, in λ = log(α/σ), as in ``fastsampler.tuning.timesteps`` (softmax increments:
-  ordered, ends kept); ``learn_timesteps=False`` holds the grid;
+  ordered, ends kept), starting from the Nelder–Mead baseline's time points (``init="nelder-mead"``, so the search
+  contains the baseline's result) or the scheduler's grid (``init="base"``); ``learn_timesteps=False`` holds the
+  scheduler's grid;
 * a correction θ on every non-zero entry of the rows a run from step 0 uses (the stored prediction D̂, the next
   sample, the registers): row = base(λ) + |base(λ₀)| ⊙ Π θ. The base row is the scheduler's own solver rebuilt
   on the current grid (linearised around it by central differences), so θ = 0 at the initial grid is the
@@ -33,7 +35,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -43,11 +45,13 @@ import torch
 from fastsampler import progress as progress_bars
 from fastsampler.plans.format import OUT_STORE, Plan, src_slot
 from fastsampler.tuning.holdout import Holdout
+from fastsampler.tuning.validation import Validation, per_sample_loss
 from fastsampler.tuning.model import search_key, tensor_digest
 from fastsampler.tuning.runner import advance, prediction, row_level, run, start, step_sources
-from fastsampler.tuning.timesteps import GridFamily, linearise
+from fastsampler.tuning.timesteps import GridFamily, _lambda, linearise
 
 LOSSES = ("final", "relaxed")
+INITS = ("nelder-mead", "base")
 MIN_IMPROVEMENT = 1e-4  # relative: smaller validation gains do not reset the patience
 
 
@@ -63,6 +67,8 @@ class CoefficientSearch:
     lr_decays: int = 3  # halvings before training stops
     validation_fraction: float = 0.25
     consistency: bool = True
+    init: str = "nelder-mead"  # start from the Nelder–Mead time points (the baseline) or the scheduler's grid
+    init_evaluations: int = 0  # Nelder–Mead budget; 0: its default (60 per free time point)
     fd_step: float = 1e-5
 
     def __post_init__(self) -> None:
@@ -71,6 +77,8 @@ class CoefficientSearch:
         for name in ("lr", "lr_time", "fd_step"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"coefficients search: `{name}` must be positive, got {getattr(self, name)!r}")
+        if self.init not in INITS:
+            raise ValueError(f"coefficients search: `init` must be one of {INITS}, got {self.init!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"coefficients search: `loss` must be one of {LOSSES}, got {self.loss!r}")
         if not self.slack >= 0:
@@ -93,10 +101,13 @@ class CoefficientReport:
     best_iteration: int = 0
     iterations: int = 0
     stopped: str = ""  # why training ended
-    validation_base: float = math.nan
+    validation_base: float = math.nan  # the scheduler's own plan
+    validation_start: float = math.nan  # where training started (the Nelder–Mead grid by default)
+    start: dict = field(default_factory=dict)  # the Nelder–Mead report, when training started there
     validation_tuned: float = math.nan  # the returned plan (timesteps rounded where the model needs integers)
     rounding_cost: float = math.nan  # validation_tuned / best continuous validation loss
     kept_base: bool = False
+    kept_start: bool = False
     timesteps_learned: list[float] = field(default_factory=list)
     model_evaluations: int = 0
     seconds: float = 0.0
@@ -156,23 +167,27 @@ def with_rows(plan: Plan, rows: np.ndarray, meta: dict) -> Plan:
 class Parametrisation:
     """Grid parameters u (or none) and row corrections θ → the plan, as numpy (exact) or torch (differentiable)."""
 
-    def __init__(self, scheduler, search: CoefficientSearch):
+    def __init__(self, scheduler, search: CoefficientSearch, start: Plan | None = None):
         self.scheduler, self.search = scheduler, search
         self.base = scheduler.plan
+        self.start = start if start is not None else self.base  # e.g. the Nelder–Mead grid: training starts there
         self.family = GridFamily(scheduler) if search.learn_timesteps and self.base.num_steps > 1 else None
-        rows0 = used_rows(self.base)
+        rows0 = used_rows(self.start)
         self.support = rows0 != 0.0
         self.scale = np.abs(rows0)
         self.prediction_type = scheduler.config.prediction_type
 
     def initial_u(self) -> torch.Tensor:
-        u = self.family.u_from(self.family.interior0) if self.family is not None else np.zeros(0)
-        return torch.tensor(u, dtype=torch.float64)
+        if self.family is None:
+            return torch.zeros(0, dtype=torch.float64)
+        interior = self.family.interior0 if self.start is self.base else \
+            np.clip(_lambda(self.start.rho, self.family.flow)[1:-1], self.family.lam0 + 1e-6, self.family.cap - 1e-6)
+        return torch.tensor(self.family.u_from(interior), dtype=torch.float64)
 
     def plan_at(self, u: torch.Tensor, round_timesteps: bool = False) -> Plan:
-        """The base solver's plan on the grid of ``u`` (the scheduler's own plan when the grid is held)."""
+        """The base solver's plan on the grid of ``u`` (the starting plan when the grid is held)."""
         if self.family is None:
-            return self.base
+            return self.start
         return self.family.plan(self.family.interior(u).numpy(), round_timesteps)
 
     def correction(self, plan: Plan, theta: torch.Tensor) -> torch.Tensor:
@@ -195,7 +210,7 @@ def sample(param: Parametrisation, u: torch.Tensor, theta: torch.Tensor, model: 
            dtype: torch.dtype) -> torch.Tensor:
     """The final sample of the plan at (u, θ), differentiable in both."""
     if param.family is None:
-        plan = param.base
+        plan = param.start
         coef = torch.tensor(plan.coef, dtype=dtype)
         out_map = torch.tensor(plan.out_map, dtype=dtype)
         times = torch.tensor(np.array(plan.timesteps, dtype=np.float64), dtype=dtype)
@@ -213,47 +228,29 @@ def sample(param: Parametrisation, u: torch.Tensor, theta: torch.Tensor, model: 
     return state.x
 
 
-def per_sample_loss(final: torch.Tensor, target: torch.Tensor, loss: str = "final", slack: float = 0.0) -> torch.Tensor:
-    """(B,) the loss of each sample: mean squared error, or (``"relaxed"``) the squared RMS distance beyond
-    ``slack``."""
-    mse = (final.to(torch.float64) - target.to(torch.float64)).pow(2).flatten(1).mean(1)
-    if loss == "relaxed":
-        return torch.relu(mse.clamp_min(1e-30).sqrt() - slack).pow(2)
-    return mse
-
-
 # Training ---------------------------------------------------------------------------------------------------
-class Validation:
-    """Held-out noises (``holdout``) or the batch's own tail: the loss of candidate parameters there."""
-
-    def __init__(self, holdout: Holdout | None, batch: int, fraction: float):
-        self.holdout = holdout
-        held = 0 if holdout is not None else max(1, int(round(batch * fraction)))
-        if holdout is None and batch - held < 1:
-            raise ValueError(f"a batch of {batch} fitting noises cannot spare {held} for validation: pass more "
-                             "noises or `validation_noise`")
-        self.fit = torch.arange(batch - held)
-        self.held = torch.arange(batch - held, batch)
-        self.describe = (f"held-out noises ({holdout.noise.shape[0]})" if holdout is not None
-                         else f"in-batch (last {held} of {batch} fitting noises)")
-
-    def loss(self, per_sample: torch.Tensor, materialise: Callable[[], Plan]) -> float:
-        if self.holdout is not None:
-            return self.holdout.loss(materialise())
-        value = float(per_sample.detach()[self.held].mean())  # ok-sync: tuning, host side
-        return value if math.isfinite(value) else math.inf
-
-
 def learn_coefficients(scheduler, model: Callable, noise: torch.Tensor, target: torch.Tensor,
                        search: CoefficientSearch = CoefficientSearch(), checkpoint: str | Path | None = None,
-                       progress: bool = True, holdout: Holdout | None = None) -> tuple[Plan, CoefficientReport]:
+                       progress: bool = True, holdout: Holdout | None = None, start: Plan | None = None
+                       ) -> tuple[Plan, CoefficientReport]:
     """Learn the coefficients (and time points) of the scheduler's current plan (after ``set_timesteps(N)``) so
-    its samples from ``noise`` approach ``target``, the teacher's final states; returns the plan and a report."""
+    its samples from ``noise`` approach ``target``, the teacher's final states; returns the plan and a report.
+    ``start``: a plan of the same solver on another grid to start from (the base stays the scheduler's plan)."""
     began = time.perf_counter()
-    param = Parametrisation(scheduler, search)
+    start_report = None
+    if start is None and search.init == "nelder-mead" and search.learn_timesteps and scheduler.plan.num_steps > 1:
+        from fastsampler.tuning.nelder_mead import NelderMeadSearch, fit_timesteps_nelder_mead
+
+        start, start_report = fit_timesteps_nelder_mead(
+            scheduler, model, noise, target, NelderMeadSearch(search.init_evaluations, search.validation_fraction),
+            Path(checkpoint).with_suffix(".nelder_mead.json") if checkpoint is not None else None, progress, holdout)
+    param = Parametrisation(scheduler, search, start)
     dtype = torch.float64 if noise.dtype == torch.float64 else torch.float32
     validation = Validation(holdout, noise.shape[0], search.validation_fraction)
     report = CoefficientReport(param.base.num_steps, validation=validation.describe)
+    if start_report is not None:
+        report.start = asdict(start_report)
+        report.model_evaluations += start_report.model_evaluations
     u = param.initial_u().requires_grad_(param.family is not None)
     theta = torch.zeros(param.support.shape, dtype=torch.float64, requires_grad=True)
     groups = [{"params": [theta], "lr": search.lr}] + ([{"params": [u], "lr": search.lr_time}]
@@ -263,7 +260,7 @@ def learn_coefficients(scheduler, model: Callable, noise: torch.Tensor, target: 
     schedule = {"decays": 0, "since": 0}
     first = 0
     path = Path(checkpoint) if checkpoint is not None else None
-    key = search_key(param.base, model, noise, target, search,
+    key = search_key(param.base, model, noise, target, search, start=param.start.fingerprint(),
                      extra="" if holdout is None else tensor_digest(holdout.noise, holdout.target))
     if path is not None and path.is_file():
         saved = torch.load(path, weights_only=False)
@@ -275,7 +272,7 @@ def learn_coefficients(scheduler, model: Callable, noise: torch.Tensor, target: 
             best, first, schedule = saved["best"], saved["iteration"], saved["schedule"]
             report.fit_losses, report.validation_losses = saved["fit_losses"], saved["validation_losses"]
             report.model_evaluations = saved["model_evaluations"]
-            report.validation_base = report.validation_losses[0] if report.validation_losses else math.nan
+            report.validation_start = report.validation_losses[0] if report.validation_losses else math.nan
     bar = progress_bars.bar(range(first, search.iters + 1), desc=f"coefficients ({param.base.num_steps} steps)",
                             enabled=progress)
     report.stopped = f"iteration limit ({search.iters})"
@@ -301,7 +298,7 @@ def learn_coefficients(scheduler, model: Callable, noise: torch.Tensor, target: 
         score = validation.loss(losses, lambda: param.materialise(u.detach(), theta.detach()))
         report.validation_losses.append(score)
         if it == 0:
-            report.validation_base = score
+            report.validation_start = score
         if score < best["loss"] * (1 - MIN_IMPROVEMENT) or it == 0:
             best = {"u": u.detach().clone(), "theta": theta.detach().clone(), "loss": score, "iteration": it}
         bar.set_postfix(fit=f"{report.fit_losses[-1]:.4g}", val=f"{score:.4g}", best=f"{best['loss']:.4g}")
@@ -316,6 +313,13 @@ def learn_coefficients(scheduler, model: Callable, noise: torch.Tensor, target: 
                         "validation_losses": report.validation_losses,
                         "model_evaluations": report.model_evaluations}, tmp)
             os.replace(tmp, path)
+    if param.start is param.base:
+        report.validation_base = report.validation_start
+    else:  # both as finished plans (the in-loop score of the start has continuous timesteps)
+        report.validation_base = report.start["validation_base"] if report.start else \
+            _validation_of(param.base, model, noise, target, search, validation, report)
+        report.validation_start = report.start["validation_tuned"] if report.start else \
+            _validation_of(param.start, model, noise, target, search, validation, report)
     report.iterations = len(report.fit_losses)
     report.best_iteration = best["iteration"]
     tuned = _final_plan(scheduler, param, best, model, noise, target, search, validation, report)
@@ -324,25 +328,32 @@ def learn_coefficients(scheduler, model: Callable, noise: torch.Tensor, target: 
     return tuned, report
 
 
+def _validation_of(plan: Plan, model, noise, target, search, validation: Validation,
+                   report: CoefficientReport) -> float:
+    """The validation loss of a finished plan (held-out noises, or the batch's held rows from a fresh run)."""
+    if validation.holdout is not None:
+        return validation.holdout.loss(plan)
+    with torch.no_grad():
+        final, _ = run(plan, model, noise)
+    report.model_evaluations += plan.num_steps
+    return validation.loss(per_sample_loss(final, target, search.loss, search.slack), lambda: plan)
+
+
 def _final_plan(scheduler, param: Parametrisation, best: dict, model, noise, target, search, validation,
                 report: CoefficientReport) -> Plan:
-    """The best parameters as a plan (integer timesteps where the model's schedule is discrete), checked again on
-    validation; the base plan if it is not better there."""
-    if best["iteration"] == 0:
-        report.validation_tuned, report.kept_base, report.rounding_cost = report.validation_base, True, 1.0
-        return param.base
-    discrete = scheduler.timesteps.dtype == torch.int64
-    tuned = param.materialise(best["u"], best["theta"], round_timesteps=discrete)
-    if validation.holdout is not None:
-        score = validation.holdout.loss(tuned)
-    else:
-        with torch.no_grad():
-            final, _ = run(tuned, model, noise)
-        score = validation.loss(per_sample_loss(final, target, search.loss, search.slack), lambda: tuned)
-        report.model_evaluations += tuned.num_steps
-    report.rounding_cost = score / best["loss"] if best["loss"] > 0 else 1.0
-    if not score < report.validation_base:
-        report.validation_tuned, report.kept_base = report.validation_base, True
-        return param.base
-    report.validation_tuned = score
-    return tuned
+    """The best of the scheduler's plan, the starting plan and the learned parameters (as a plan, integer
+    timesteps where the model's schedule is discrete), by validation loss; ties keep the simpler plan."""
+    candidates = [(report.validation_base, param.base)]
+    if param.start is not param.base:
+        candidates.append((report.validation_start, param.start))
+    if best["iteration"] > 0:
+        discrete = scheduler.timesteps.dtype == torch.int64
+        tuned = param.materialise(best["u"], best["theta"], round_timesteps=discrete)
+        score = _validation_of(tuned, model, noise, target, search, validation, report)
+        report.rounding_cost = score / best["loss"] if best["loss"] > 0 else 1.0
+        candidates.append((score, tuned))
+    chosen = min(range(len(candidates)), key=lambda k: (candidates[k][0], k))
+    report.validation_tuned = candidates[chosen][0]
+    report.kept_base = chosen == 0
+    report.kept_start = chosen == 1 and param.start is not param.base
+    return candidates[chosen][1]

@@ -28,7 +28,7 @@ import torch
 from scipy.optimize import minimize
 
 from fastsampler.plans.format import Plan
-from fastsampler.tuning.coefficients import Validation, per_sample_loss
+from fastsampler.tuning.validation import Validation, per_sample_loss
 from fastsampler.tuning.holdout import Holdout
 from fastsampler.tuning.model import search_key
 from fastsampler.tuning.runner import run

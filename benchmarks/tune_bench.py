@@ -1,0 +1,171 @@
+"""Tuning methods side by side, judged on noises they never saw: error against the teacher per case and NFE.
+
+Cases: ``mixture`` (the exact digits Gaussian mixture, SD schedule), ``mixture-cfg7.5`` (its class-conditional form
+with exact classifier-free guidance at 7.5), ``digits`` (the embedded digits DDPM), ``digits-cond-w1.5`` /
+``digits-cond-w4`` (the embedded class-conditional model, guided). Every method starts from the same scheduler
+(UniPC bh2 order 2, the pipeline's config), fits on ``--fit`` noises with its defaults (its own validation
+included) and is scored on ``--eval`` other noises: the mean squared error of the final sample against the teacher
+(DPM-Solver++ 3M, 200 steps) from the same noise. Reported per cell: that error as a ratio to the best diffusers
+built-in scheduler at the same NFE (DPM-Solver++ 2M/3M, UniPC bh1/bh2 order 2/3, DEIS 2/3, DDIM; best on the
+evaluation noises themselves, which favours the built-ins) and to the Nelder–Mead baseline, and the tuning seconds.
+
+    python benchmarks/tune_bench.py [--cases mixture,mixture-cfg7.5,digits] [--nfe 4,5,6,8,10] \\
+        [--methods baseline,timesteps,coefficients,dc,s3] [--fit 64] [--eval 256]
+
+Results accumulate in ``benchmarks/results/tune_bench.json`` (a rerun skips the cells it has) and the table in
+``tune_bench.md``, with the machine and the date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from stamp import run_stamp
+
+METHODS = {"baseline": ("timesteps", {"search": "nelder-mead"}), "timesteps": ("timesteps", {}),
+           "coefficients": ("coefficients", {}), "dc": ("dc", {}), "s3": ("s3", {"budget_evaluations": 1500})}
+BUILT_INS = {"DPM++ 2M": ("DPMSolverMultistepScheduler", {"solver_order": 2}),
+             "DPM++ 3M": ("DPMSolverMultistepScheduler", {"solver_order": 3}),
+             "UniPC bh2-2": ("UniPCMultistepScheduler", {"solver_order": 2, "solver_type": "bh2"}),
+             "UniPC bh1-3": ("UniPCMultistepScheduler", {"solver_order": 3, "solver_type": "bh1",
+                                                         "final_sigmas_type": "sigma_min"}),
+             "UniPC bh2-3": ("UniPCMultistepScheduler", {"solver_order": 3, "solver_type": "bh2"}),
+             "DEIS 2": ("DEISMultistepScheduler", {"solver_order": 2}),
+             "DEIS 3": ("DEISMultistepScheduler", {"solver_order": 3}),
+             "DDIM": ("DDIMScheduler", {})}
+
+
+def case(name: str, batch: int, seed: int) -> tuple[Callable, torch.Tensor, dict]:
+    """(model(x, t) for ``batch`` noises, the noises, the scheduler config) of a case."""
+    if name.startswith("mixture"):
+        from fastsampler.eval import bench, gmm
+        from fastsampler.tuning.model import MixtureDenoiserModel
+
+        guidance = float(name.partition("cfg")[2]) if "cfg" in name else None
+        setup = bench.BenchSetup("sd", None, guidance, batch, seed)
+        config = setup.config
+        return MixtureDenoiserModel(gmm.MixtureModel.from_scheduler_config(setup.denoiser(), config)), \
+            setup.noise().double(), config
+    from fastsampler.eval.digits import load_digits_cond_pipeline, load_digits_pipeline
+    from fastsampler.tuning.model import from_pipeline
+
+    if name == "digits":
+        pipe, options = load_digits_pipeline(), {}
+    elif name.startswith("digits-cond-w"):
+        pipe = load_digits_cond_pipeline()
+        options = {"guidance_scale": float(name.rpartition("w")[2]), "class_labels": [j % 10 for j in range(batch)]}
+    else:
+        raise ValueError(f"unknown case {name!r}")
+    size = pipe.unet.config.sample_size
+    noise = torch.randn(batch, pipe.unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(seed))
+    model = from_pipeline(pipe, batch, **options)
+    model.unet.requires_grad_(False)
+    return model, noise, dict(pipe.scheduler.config)
+
+
+def final_sample(scheduler, model: Callable, noise: torch.Tensor, n: int) -> torch.Tensor:
+    """A diffusers-contract sampling loop (ours and diffusers' schedulers alike)."""
+    scheduler.set_timesteps(n)
+    x = noise * scheduler.init_noise_sigma
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(model(scheduler.scale_model_input(x, t), t), t, x).prev_sample
+    return x
+
+
+def mse(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).pow(2).mean())
+
+
+def run_cell(name: str, n: int, methods: list[str], fit: int, evaluate: int) -> dict:
+    import diffusers
+
+    import fastsampler
+    from fastsampler.tuning.teacher import TeacherSpec, teacher_trajectories
+
+    model, noise, config = case(name, fit, 0)
+    held_model, held, _ = case(name, evaluate, 1)
+    base = fastsampler.UniPCScheduler.from_config(config)
+    base.set_timesteps(n)
+    target = teacher_trajectories(base, held_model, held, TeacherSpec(), None, progress=False)[-1]
+    built_in = {label: mse(final_sample(getattr(diffusers, cls).from_config(config, **opts), held_model, held, n),
+                           target) for label, (cls, opts) in BUILT_INS.items()}
+    cell = {"case": name, "nfe": n, "fit": fit, "eval": evaluate, "built_in": built_in,
+            "best_built_in": min(built_in, key=built_in.get), "base": mse(final_sample(base, held_model, held, n),
+                                                                           target), "methods": {}}
+    for method in methods:
+        kind, options = METHODS[method]
+        began = time.perf_counter()
+        tuned = fastsampler.tune(base, model, noise, n, kind, cache_dir=None, progress=False, **options)
+        seconds = time.perf_counter() - began
+        cell["methods"][method] = {"error": mse(final_sample(tuned, held_model, held, n), target), "seconds": seconds}
+        print(f"{name} NFE {n} {method}: {cell['methods'][method]['error'] / built_in[cell['best_built_in']]:.3f}× "
+              f"best built-in ({seconds:.0f} s)", flush=True)
+    return cell
+
+
+def markdown(results: list[dict], stamp: dict) -> str:
+    methods = [m for m in METHODS if any(m in r["methods"] for r in results)]
+    lines = [f"# Tuning methods on held-out noises ({stamp['date']}, {stamp['machine']})", "",
+             "Error of the final sample against the teacher on noises never used for fitting, as a ratio to the best "
+             "diffusers built-in at the same NFE (first number) and to the Nelder–Mead baseline (second); tuning "
+             "seconds in brackets. `python benchmarks/tune_bench.py`.", "",
+             "| case | NFE | best built-in | base (UniPC bh2-2) | " + " | ".join(methods) + " |",
+             "|---|---|---|---|" + "---|" * len(methods)]
+    for r in sorted(results, key=lambda r: (r["case"], r["nfe"])):
+        best = r["built_in"][r["best_built_in"]]
+        baseline = r["methods"].get("baseline", {}).get("error")
+        cells = []
+        for m in methods:
+            entry = r["methods"].get(m)
+            if entry is None:
+                cells.append("–")
+                continue
+            vs = f" / {entry['error'] / baseline:.2f}" if baseline else ""
+            cells.append(f"{entry['error'] / best:.2f}{vs} ({entry['seconds']:.0f} s)")
+        lines.append(f"| {r['case']} | {r['nfe']} | {r['best_built_in']} | {r['base'] / best:.2f} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", default="mixture,mixture-cfg7.5,digits")
+    parser.add_argument("--nfe", default="4,5,6,8,10")
+    parser.add_argument("--methods", default="baseline,timesteps,coefficients,dc")
+    parser.add_argument("--fit", type=int, default=64)
+    parser.add_argument("--eval", type=int, default=256)
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; choose from {sorted(METHODS)}")
+    store = args.out / "tune_bench.json"
+    results = json.loads(store.read_text())["results"] if store.is_file() else []
+    stamp = run_stamp()
+    for name in [c for c in args.cases.split(",") if c]:
+        for n in [int(v) for v in args.nfe.split(",") if v]:
+            done = next((r for r in results if r["case"] == name and r["nfe"] == n and r["fit"] == args.fit
+                         and set(methods) <= set(r["methods"])), None)
+            if done is not None:
+                continue
+            results = [r for r in results if not (r["case"] == name and r["nfe"] == n and r["fit"] == args.fit)]
+            results.append(run_cell(name, n, methods, args.fit, args.eval))
+            args.out.mkdir(parents=True, exist_ok=True)
+            store.write_text(json.dumps({**stamp, "results": results}, indent=1) + "\n")  # each cell as it ends
+    (args.out / "tune_bench.md").write_text(markdown(results, stamp))
+    print(markdown(results, stamp))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
