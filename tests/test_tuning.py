@@ -462,3 +462,32 @@ def test_a_study_scored_otherwise_never_resumes_another():
     assert len(keys) == 3
     by_norm.key = "fid on digits-test"
     assert study_key(s.plan, model, noise, target, S3Search(), by_norm) not in keys
+
+
+def test_a_model_whose_labels_follow_the_batch_position_gets_the_right_teacher():
+    """The trap: a plain ``model(x, t)`` that conditions sample j on label j (by position) must not be run on slices
+    of the batch. Without ``subset`` the teacher runs on the whole batch and equals the subset-aware teacher; a model
+    that declares ``per_sample_conditions = False`` is sliced; splitting such a model across processes is refused."""
+    from fastsampler.eval.distributed import DistContext
+
+    s = UniPCScheduler(**SD)
+    s.set_timesteps(4)
+    declared, noise = mixture(s.config, 40, 9, guidance=4.0)  # MixtureDenoiserModel: subset slices the labels
+    shapes = []
+
+    def by_position(x, t):
+        shapes.append(x.shape[0])
+        return declared.subset(0, x.shape[0])(x, t)  # labels 0, 1, 2, … of whatever batch it is given
+
+    expected = teacher_trajectories(s, declared, noise, TeacherSpec(steps=30), None, progress=False)
+    got = teacher_trajectories(s, by_position, noise, TeacherSpec(steps=30), None, progress=False)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert set(shapes) == {40}
+    shapes.clear()
+    by_position.per_sample_conditions = False  # the caller says it has none: sliced into shards of 16
+    sliced = teacher_trajectories(s, by_position, noise, TeacherSpec(steps=30), None, progress=False)
+    assert set(shapes) == {16, 8} and not torch.allclose(sliced, expected)  # (it lied: the slices are wrong)
+    del by_position.per_sample_conditions
+    with pytest.raises(ValueError, match="subset"):
+        teacher_trajectories(s, by_position, noise, TeacherSpec(steps=30), None, ctx=DistContext(0, 2),
+                             progress=False)

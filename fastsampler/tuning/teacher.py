@@ -139,6 +139,14 @@ def _write_shard(path: Path, states: torch.Tensor) -> None:
 
 
 @torch.no_grad()
+def shardable(model) -> bool:
+    """Whether the teacher may run ``model`` on slices of the batch: it declares how (``subset(start, stop)``,
+    slicing its per-sample conditions) or that it has no per-sample conditions (``per_sample_conditions = False``).
+    A plain callable is run on the whole batch, since a label that follows the batch position would otherwise be
+    paired with the wrong noise in every slice after the first."""
+    return hasattr(model, "subset") or getattr(model, "per_sample_conditions", True) is False
+
+
 def teacher_trajectories(scheduler, model, noise: torch.Tensor, spec: TeacherSpec = TeacherSpec(),
                          cache_dir: str | Path | None = None, shard_size: int = 16,
                          ctx: DistContext = DistContext(), progress: bool = True) -> torch.Tensor:
@@ -148,6 +156,12 @@ def teacher_trajectories(scheduler, model, noise: torch.Tensor, spec: TeacherSpe
     if student is None:
         raise RuntimeError("call scheduler.set_timesteps(num_inference_steps) before computing teacher trajectories")
     plan, index = teacher_plan(student, scheduler, spec)
+    if not shardable(model):  # its conditions may follow the batch position: only the whole batch is safe
+        if ctx.world_size > 1:
+            raise ValueError("this model callable has no `subset(start, stop)`, so the teacher cannot be split across "
+                             "processes (per-sample conditions would pair with the wrong noises): implement "
+                             "`subset`, or set `model.per_sample_conditions = False` if it has none")
+        shard_size = max(noise.shape[0], 1)
     shards = list(range(0, noise.shape[0], shard_size))
     directory = None
     if cache_dir is not None:
