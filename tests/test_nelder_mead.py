@@ -63,3 +63,19 @@ def test_tune_takes_the_baseline_and_refuses_foreign_options():
                          progress=False)
     with pytest.raises(ValueError, match="search"):
         fastsampler.tune(s, model, noise, 4, method="timesteps", search="cma", cache_dir=None, progress=False)
+
+
+def test_the_report_gives_the_teachers_own_error_and_warns_when_the_teacher_limits():
+    import warnings
+
+    s = UniPCScheduler(**SD)
+    model, noise = mixture(s.config, 8, 3)
+    options = dict(method="timesteps", search="nelder-mead", max_evaluations=8, cache_dir=None, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a 200-step teacher is far more accurate than 4 steps
+        entry = fastsampler.tune(s, model, noise, 4, **options).tuning_report["steps"][4]
+    assert 0 < 100 * entry["teacher_error"] < entry["student_error"]
+    with pytest.warns(RuntimeWarning, match="the teacher limits it"):
+        fastsampler.tune(s, model, noise, 4, teacher="dpmsolver++3:6", **options)
+    entry = fastsampler.tune(s, model, noise, 4, teacher_check=False, **options).tuning_report["steps"][4]
+    assert "teacher_error" not in entry

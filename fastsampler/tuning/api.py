@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -82,6 +83,32 @@ def validation_loss(scheduler, model: Callable, noise: torch.Tensor, teacher: Te
     with torch.no_grad():
         final, _ = run(scheduler.plan, model, noise)
     return float((final.double() - reference.double()).pow(2).mean())
+
+
+TEACHER_LIMIT = 3.0  # a student within this factor of its teacher's own error is limited by the teacher
+TEACHER_CHECK_SAMPLES = 16
+
+
+def teacher_error(student, model: Callable, noise: torch.Tensor, reference: torch.Tensor, spec: TeacherSpec,
+                  cache_dir: Path | None, ctx: DistContext, progress: bool) -> float:
+    """The teacher's own error: mean squared difference of its final samples from a teacher with twice the steps,
+    on the first ``TEACHER_CHECK_SAMPLES`` noises (the whole batch for a model that cannot be sliced)."""
+    from fastsampler.tuning.model import subset
+    from fastsampler.tuning.teacher import shardable
+
+    k = min(TEACHER_CHECK_SAMPLES, noise.shape[0]) if shardable(model) else noise.shape[0]
+    finer = TeacherSpec(spec.solver, 2 * spec.steps)
+    fine = teacher_trajectories(student, subset(model, 0, k), noise[:k], finer, cache_dir, ctx=ctx,
+                                progress=progress)[-1]
+    return float((reference[-1][:k].double() - fine.double()).pow(2).mean())
+
+
+def _student_error(plan, model: Callable, noise: torch.Tensor, reference: torch.Tensor) -> float:
+    from fastsampler.tuning.runner import run
+
+    with torch.no_grad():
+        final, _ = run(plan, model, noise)
+    return float((final.double() - reference[-1].double()).pow(2).mean())
 
 
 def _tune_dc(student, fit_model, noise, reference, n, options: dict, checkpoint_dir, progress, holdout, ctx):
@@ -190,7 +217,7 @@ def tune(scheduler, model, noise: torch.Tensor, num_inference_steps: int | Seque
          teacher: TeacherSpec | dict | str | None = None, validation_noise: torch.Tensor | None = None,
          validation_model: Callable | None = None,
          cache_dir: str | Path | None = "default", checkpoint_dir: str | Path | None = None,
-         progress: bool = True, dist: DistContext | None = None, **options: Any):
+         progress: bool = True, dist: DistContext | None = None, teacher_check: bool = True, **options: Any):
     """Fit ``scheduler`` to ``model`` at each ``num_inference_steps``; returns a new scheduler of the same class.
 
     ``method="dc"`` options: ``search`` ("gradient" | "scan"), ``iters``, ``lr``, ``weight_decay``, ``bounds``,
@@ -205,7 +232,9 @@ def tune(scheduler, model, noise: torch.Tensor, num_inference_steps: int | Seque
     ``validate_top``, ``storage``, ``scorer`` (``fastsampler.tuning.s3.S3Search``; a ``scorer`` of the final samples,
     lower is better, replaces the teacher error in the search and in the held-out selection). The returned scheduler's ``tuning_report`` holds, per step
     count, what was fitted and the losses on the fitting noises before and after, and — with
-    ``validation_noise`` — on held-out noises. A model callable that carries per-sample conditions for the fitting
+    ``validation_noise`` — on held-out noises. With ``teacher_check`` (default) it also holds the teacher's own error
+    (``teacher_error``: against a teacher with twice the steps, on up to 16 of the fitting noises) next to the tuned
+    sampler's (``student_error``), and warns when the student is within 3× of it: the teacher is then the limit. A model callable that carries per-sample conditions for the fitting
     batch needs ``validation_model``, the same model conditioned for the held-out batch (a pipeline is adapted to
     either batch by itself).
     """
@@ -251,6 +280,14 @@ def tune(scheduler, model, noise: torch.Tensor, num_inference_steps: int | Seque
         plan, entry, settings = fit(student, fit_model, noise, reference, n, options, checkpoint_dir, progress,
                                     holdout, ctx)
         ctx.barrier()
+        if teacher_check:
+            entry["teacher_error"] = teacher_error(student, fit_model, noise, reference, spec, cache, ctx, progress)
+            entry["student_error"] = _student_error(plan, fit_model, noise, reference)
+            if entry["student_error"] < TEACHER_LIMIT * entry["teacher_error"]:
+                warnings.warn(f"{n} steps: the tuned sampler's error against its teacher ({entry['student_error']:.3g}) "
+                              f"is within {TEACHER_LIMIT:g}× of the teacher's own error ({entry['teacher_error']:.3g}, "
+                              f"vs {2 * spec.steps} steps): the teacher limits it; pass e.g. "
+                              f"teacher=\"{spec.solver}:{2 * spec.steps}\"", RuntimeWarning, stacklevel=2)
         tuned.set_plan(plan)
         if held_out is not None:
             entry["validation_loss_plain"] = validation_loss(student, held_out, validation_noise, spec, cache, progress)
