@@ -195,3 +195,48 @@ def test_training_starts_from_the_baseline_and_is_never_worse_than_it_on_validat
     again, _ = learn_coefficients(s, model, noise, target, CoefficientSearch(**search), tmp_path / "c.pt",
                                   progress=False)
     np.testing.assert_allclose(again.coef, plan.coef, rtol=1e-10, atol=1e-12)
+
+
+def _worker(rank: int, world: int, port: int, folder: str) -> None:
+    import json
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from fastsampler.eval.distributed import distributed_context
+
+    ctx = distributed_context()
+    plan, report, *_ = fitted_in(ctx)
+    with open(os.path.join(folder, f"result_{rank}.json"), "w") as f:
+        json.dump({"coef": plan.coef.tolist(), "timesteps": list(map(float, plan.timesteps)),
+                   "fit": report.fit_losses, "validation": report.validation_losses}, f)
+
+
+def fitted_in(ctx):
+    s = UniPCScheduler(**SD)
+    s.set_timesteps(4)
+    model, noise = mixture(s.config, 10, 21, guidance=4.0)  # per-sample labels: sliced by subset on each rank
+    target = teacher_trajectories(s, model, noise, TeacherSpec(steps=40), None, progress=False)[-1]
+    return learn_coefficients(s, model, noise, target, CoefficientSearch(iters=6, patience=50, lr=0.05, init="base"),
+                              progress=False, ctx=ctx)
+
+
+@pytest.mark.slow
+def test_two_processes_learn_the_plan_one_process_learns(tmp_path):
+    """torchrun: each process fits its slice of the noises, gradients and losses are summed over the processes."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from fastsampler.eval.distributed import DistContext
+
+    mp.spawn(_worker, args=(2, 29517, str(tmp_path)), nprocs=2, join=True)
+    results = [json.loads((tmp_path / f"result_{r}.json").read_text()) for r in range(2)]
+    plan, report = fitted_in(DistContext())
+    assert report.fit_losses[-1] < report.fit_losses[0]  # steps were taken
+    for r in results:
+        np.testing.assert_allclose(r["fit"], report.fit_losses, rtol=1e-9)
+        np.testing.assert_allclose(r["validation"], report.validation_losses, rtol=1e-9)
+        np.testing.assert_allclose(np.array(r["coef"]), plan.coef, rtol=1e-8, atol=1e-10)
+        assert r["timesteps"] == list(map(float, plan.timesteps))

@@ -171,7 +171,8 @@ def _tune_coefficients(student, fit_model, noise, reference, n, options: dict, c
 
     search = CoefficientSearch(**{k: options[k] for k in COEFFICIENT_OPTIONS if k in options})
     checkpoint = Path(checkpoint_dir) / f"coefficients_{n}.pt" if checkpoint_dir is not None else None
-    plan, result = learn_coefficients(student, fit_model, noise, reference[-1], search, checkpoint, progress, holdout)
+    plan, result = learn_coefficients(student, fit_model, noise, reference[-1], search, checkpoint, progress, holdout,
+                                      ctx=ctx)
     return plan, asdict(result), asdict(search)
 
 

@@ -46,8 +46,10 @@ from fastsampler import progress as progress_bars
 from fastsampler.plans.format import OUT_STORE, Plan, src_slot
 from fastsampler.tuning.holdout import Holdout
 from fastsampler.tuning.validation import Validation, per_sample_loss
-from fastsampler.tuning.model import search_key, tensor_digest
+from fastsampler.eval.distributed import DistContext
+from fastsampler.tuning.model import search_key, subset, tensor_digest
 from fastsampler.tuning.runner import advance, prediction, row_level, run, start, step_sources
+from fastsampler.tuning.teacher import shardable
 from fastsampler.tuning.timesteps import GridFamily, _lambda, linearise
 
 LOSSES = ("final", "relaxed")
@@ -229,13 +231,45 @@ def sample(param: Parametrisation, u: torch.Tensor, theta: torch.Tensor, model: 
 
 
 # Training ---------------------------------------------------------------------------------------------------
+class BatchShard:
+    """This process's rows of the fitting batch: all of them, or under ``torchrun`` a contiguous slice (the model
+    sliced by its ``subset``), with the losses summed over every process and the gradients all-reduced, so each
+    process takes the same step as one process on the whole batch."""
+
+    def __init__(self, ctx: DistContext, model: Callable, noise: torch.Tensor, target: torch.Tensor,
+                 validation: Validation):
+        batch = noise.shape[0]
+        self.ctx = ctx
+        if ctx.world_size > 1 and not shardable(model):
+            raise ValueError("splitting the fitting noises across processes needs a model with `subset(start, stop)` "
+                             "(or `per_sample_conditions = False`)")
+        a, b = (int(v) for v in np.linspace(0, batch, ctx.world_size + 1).round()[ctx.rank:ctx.rank + 2])
+        self.model = subset(model, a, b) if ctx.world_size > 1 else model
+        self.noise, self.target = noise[a:b], target[a:b]
+        self.fit = validation.fit[(validation.fit >= a) & (validation.fit < b)] - a
+        self.held = validation.held[(validation.held >= a) & (validation.held < b)] - a
+        self.n_fit, self.n_held = len(validation.fit), len(validation.held)
+
+    def total(self, value: torch.Tensor) -> float:
+        """The sum of a detached scalar over the processes."""
+        value = value.detach().to(torch.float64).clone()
+        if self.ctx.world_size > 1:
+            torch.distributed.all_reduce(value)
+        return float(value)  # ok-sync: tuning, host side
+
+    def reduce_gradients(self, parameters: list[torch.Tensor]) -> None:
+        if self.ctx.world_size > 1:
+            for p in parameters:
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
 def learn_coefficients(scheduler, model: Callable, noise: torch.Tensor, target: torch.Tensor,
                        search: CoefficientSearch = CoefficientSearch(), checkpoint: str | Path | None = None,
-                       progress: bool = True, holdout: Holdout | None = None, start: Plan | None = None
-                       ) -> tuple[Plan, CoefficientReport]:
+                       progress: bool = True, holdout: Holdout | None = None, start: Plan | None = None,
+                       ctx: DistContext = DistContext()) -> tuple[Plan, CoefficientReport]:
     """Learn the coefficients (and time points) of the scheduler's current plan (after ``set_timesteps(N)``) so
     its samples from ``noise`` approach ``target``, the teacher's final states; returns the plan and a report.
-    ``start``: a plan of the same solver on another grid to start from (the base stays the scheduler's plan)."""
+    ``start``: a plan of the same solver on another grid to start from (the base stays the scheduler's plan).
+    Under ``torchrun`` (``ctx``) the fitting noises are split across the processes and the gradients all-reduced."""
     began = time.perf_counter()
     start_report = None
     if start is None and search.init == "nelder-mead" and search.learn_timesteps and scheduler.plan.num_steps > 1:
@@ -251,6 +285,7 @@ def learn_coefficients(scheduler, model: Callable, noise: torch.Tensor, target: 
     if start_report is not None:
         report.start = asdict(start_report)
         report.model_evaluations += start_report.model_evaluations
+    shard = BatchShard(ctx, model, noise, target, validation)
     u = param.initial_u().requires_grad_(param.family is not None)
     theta = torch.zeros(param.support.shape, dtype=torch.float64, requires_grad=True)
     groups = [{"params": [theta], "lr": search.lr}] + ([{"params": [u], "lr": search.lr_time}]
@@ -273,6 +308,7 @@ def learn_coefficients(scheduler, model: Callable, noise: torch.Tensor, target: 
             report.fit_losses, report.validation_losses = saved["fit_losses"], saved["validation_losses"]
             report.model_evaluations = saved["model_evaluations"]
             report.validation_start = report.validation_losses[0] if report.validation_losses else math.nan
+    ctx.barrier()  # every process has read the checkpoint before the first writes it
     bar = progress_bars.bar(range(first, search.iters + 1), desc=f"coefficients ({param.base.num_steps} steps)",
                             enabled=progress)
     report.stopped = f"iteration limit ({search.iters})"
@@ -290,22 +326,27 @@ def learn_coefficients(scheduler, model: Callable, noise: torch.Tensor, target: 
                 group["lr"] *= 0.5
             schedule = {"decays": schedule["decays"] + 1, "since": it}
         optimiser.zero_grad()
-        final = sample(param, u, theta, model, noise, dtype)
-        losses = per_sample_loss(final, target, search.loss, search.slack)
-        fit_loss = losses[validation.fit].mean()
+        final = sample(param, u, theta, shard.model, shard.noise, dtype)
+        losses = per_sample_loss(final, shard.target, search.loss, search.slack)
+        fit_loss = losses[shard.fit].sum() / shard.n_fit
         report.model_evaluations += param.base.num_steps
-        report.fit_losses.append(float(fit_loss.detach()))  # ok-sync: tuning, host side
-        score = validation.loss(losses, lambda: param.materialise(u.detach(), theta.detach()))
+        report.fit_losses.append(shard.total(fit_loss))
+        if holdout is not None:
+            score = holdout.loss(param.materialise(u.detach(), theta.detach()))
+        else:
+            score = shard.total(losses[shard.held].sum()) / shard.n_held
+            score = score if math.isfinite(score) else math.inf
         report.validation_losses.append(score)
         if it == 0:
             report.validation_start = score
         if score < best["loss"] * (1 - MIN_IMPROVEMENT) or it == 0:
             best = {"u": u.detach().clone(), "theta": theta.detach().clone(), "loss": score, "iteration": it}
         bar.set_postfix(fit=f"{report.fit_losses[-1]:.4g}", val=f"{score:.4g}", best=f"{best['loss']:.4g}")
-        if it < search.iters and torch.isfinite(fit_loss):
+        if it < search.iters and math.isfinite(report.fit_losses[-1]):
             fit_loss.backward()
+            shard.reduce_gradients([theta, u])
             optimiser.step()
-        if path is not None:
+        if path is not None and ctx.is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             torch.save({"key": key, "u": u.detach(), "theta": theta.detach(), "adam": optimiser.state_dict(),
