@@ -284,11 +284,11 @@ def tune(scheduler, model, noise: torch.Tensor, num_inference_steps: int | Seque
         if teacher_check:
             entry["teacher_error"] = teacher_error(student, fit_model, noise, reference, spec, cache, ctx, progress)
             entry["student_error"] = _student_error(plan, fit_model, noise, reference)
-            if entry["student_error"] < TEACHER_LIMIT * entry["teacher_error"]:
+            if entry["student_error"] < TEACHER_LIMIT * entry["teacher_error"]:  # (stacklevel: tune's caller)
                 warnings.warn(f"{n} steps: the tuned sampler's error against its teacher ({entry['student_error']:.3g}) "
                               f"is within {TEACHER_LIMIT:g}× of the teacher's own error ({entry['teacher_error']:.3g}, "
                               f"vs {2 * spec.steps} steps): the teacher limits it; pass e.g. "
-                              f"teacher=\"{spec.solver}:{2 * spec.steps}\"", RuntimeWarning, stacklevel=2)
+                              f"teacher=\"{spec.solver}:{2 * spec.steps}\"", RuntimeWarning, stacklevel=3)
         tuned.set_plan(plan)
         if held_out is not None:
             entry["validation_loss_plain"] = validation_loss(student, held_out, validation_noise, spec, cache, progress)
