@@ -491,3 +491,20 @@ def test_a_model_whose_labels_follow_the_batch_position_gets_the_right_teacher()
     with pytest.raises(ValueError, match="subset"):
         teacher_trajectories(s, by_position, noise, TeacherSpec(steps=30), None, ctx=DistContext(0, 2),
                              progress=False)
+
+
+def test_learned_timesteps_run_until_their_loss_stops_falling():
+    """No fixed 40 iterations: the search stops on a plateau of its selection loss (here the fitting loss), and
+    continuous-time models keep the learned time points exactly (no rounding)."""
+    s = UniPCScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0)
+    s.set_timesteps(5)
+    model, noise = mixture(s.config, 12, 4)
+    target = teacher_trajectories(s, model, noise, TeacherSpec(steps=60), None, progress=False)[-1]
+    plan, report = learn_timesteps(s, model, noise, target, TimestepSearch(iters=300, patience=10, lr=0.05),
+                                   progress=False)
+    assert report.stopped.startswith("plateau") and report.iterations < 301
+    tail = report.losses[-11:]
+    assert min(tail) > min(report.losses[:-10]) * (1 - 1e-4)  # the last `patience` iterations gained nothing
+    assert report.loss_final_grid < report.loss_initial
+    np.testing.assert_allclose(plan.timesteps, plan.rho[:-1] * 1000, rtol=1e-12)  # s·T, not rounded
+    assert not np.allclose(plan.timesteps, np.round(plan.timesteps))

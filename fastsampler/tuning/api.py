@@ -141,7 +141,7 @@ def _tune_timesteps(student, fit_model, noise, reference, n, options: dict, chec
     if wrong:
         raise ValueError(f"{sorted(wrong)} apply to method='timesteps' with search='nelder-mead'")
 
-    search = TimestepSearch(**{k: options[k] for k in ("iters", "lr", "fd_step") if k in options})
+    search = TimestepSearch(**{k: options[k] for k in ("iters", "lr", "fd_step", "patience") if k in options})
     checkpoint = Path(checkpoint_dir) / f"timesteps_{n}.json" if checkpoint_dir is not None else None
     plan, result = learn_timesteps(student, fit_model, noise, reference[-1], search, checkpoint, progress, holdout)
     return plan, asdict(result), asdict(search)
@@ -197,7 +197,7 @@ def _tune_s3(student, fit_model, noise, reference, n, options: dict, checkpoint_
 
 
 _METHODS = {"dc": (_tune_dc, {"search", "iters", "lr", "weight_decay", "bounds", "dc_order", "objective"}),
-            "timesteps": (_tune_timesteps, {"iters", "lr", "fd_step", *NELDER_MEAD_OPTIONS}),
+            "timesteps": (_tune_timesteps, {"iters", "lr", "fd_step", "patience", *NELDER_MEAD_OPTIONS}),
             "coefficients": (_tune_coefficients, set(COEFFICIENT_OPTIONS)),
             "s3": (_tune_s3, {"budget_evaluations", "budget_seconds", "warmup", "round_size", "keep", "max_order",
                               "search_grid", "grid_power_range", "seed", "storage", "scorer", "validate_top"})}

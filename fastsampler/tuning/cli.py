@@ -113,7 +113,7 @@ def _noise(pipe, num: int, seed: int, device: str) -> torch.Tensor:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--search", type=click.Choice(["gradient", "scan"]), default="gradient", show_default=True)
 @click.option("--iters", type=click.IntRange(min=1), default=None,
-              help="Iterations (dc: 20, timesteps: 40, coefficients: at most 400 by default).")
+              help="Iterations (dc: 20; timesteps: at most 300, coefficients: at most 400, both stop on a plateau).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Step size (dc, timesteps, coefficients).")
 @click.option("--budget", type=click.IntRange(min=1), default=None,
