@@ -253,3 +253,21 @@ def test_a_rewritten_ratio_file_is_read_again(tmp_path, sample):
         runs.append(run_loop(UniPCScheduler(**SD, dc_ratios_file=str(path)), 6, sample))
     torch.testing.assert_close(runs[0], run_loop(UniPCScheduler(**SD, dc_ratios=RATIOS), 6, sample), rtol=0, atol=0)
     torch.testing.assert_close(runs[1], run_loop(UniPCScheduler(**SD), 6, sample), rtol=0, atol=0)
+
+
+def test_dc_validates_on_held_rows_of_the_batch_by_default():
+    """Without validation_noise the ratios are fitted on three quarters of the batch and kept only if the last
+    quarter (held out inside the batch) is better with them."""
+    from test_tuning import SD as SD_CONFIG, mixture
+
+    s = fastsampler.UniPCScheduler(**SD_CONFIG)
+    model, noise = mixture(s.config, 16, 17, guidance=7.5)
+    tuned = fastsampler.tune(s, model, noise, 4, method="dc", cache_dir=None, progress=False, teacher_check=False)
+    entry = tuned.tuning_report["steps"][4]
+    assert entry["validation"] == "in-batch (last 4 of 16 fitting noises)"
+    assert entry["kept_plain"] == (not entry["validation_tuned"] < entry["validation_base"])  # the search fitted ratios
+    s.set_timesteps(4)
+    if entry["kept_plain"]:
+        assert entry["ratios"] == [1.0] * 4 and tuned.plans[4].fingerprint() == s.plan.fingerprint()
+    else:
+        assert entry["validation_tuned"] < entry["validation_base"] and entry["ratios"] != [1.0] * 4

@@ -34,10 +34,11 @@ from typing import Any, Callable, Sequence
 import torch
 
 from fastsampler.eval.distributed import DistContext, distributed_context
-from fastsampler.tuning.dc import DCSearch, dc_plan, search_ratios
+from fastsampler.tuning.dc import DCSearch, dc_plan, final_loss as dc_final_loss, search_ratios
 from fastsampler.tuning.holdout import Holdout
 from fastsampler.tuning.model import from_pipeline
 from fastsampler.tuning.teacher import TeacherSpec, teacher_trajectories
+from fastsampler.tuning.validation import Validation
 
 
 
@@ -117,8 +118,20 @@ def _tune_dc(student, fit_model, noise, reference, n, options: dict, checkpoint_
                       bounds=tuple(options.get("bounds", (0.3, 1.7))), order=options.get("dc_order", 2),
                       objective=options.get("objective", "next"))
     checkpoint = Path(checkpoint_dir) / f"dc_{n}.json" if checkpoint_dir is not None else None
-    result = search_ratios(student, fit_model, noise, reference, search, checkpoint, progress)
+    validation = Validation(holdout, noise.shape[0], options.get("validation_fraction", 0.25))
+    rows = validation.fit if holdout is None else None
+    result = search_ratios(student, fit_model, noise, reference, search, checkpoint, progress, rows)
     plan, entry = dc_plan(student, result.ratios, search.order), asdict(result)
+    entry["validation"] = validation.describe
+    if holdout is None and any(r != 1.0 for r in result.ratios):  # the batch's held rows choose: ratios or none
+        entry["validation_base"], calls = dc_final_loss(student, [1.0] * n, search.order, fit_model, noise, reference,
+                                                         validation.held)
+        entry["validation_tuned"], more = dc_final_loss(student, result.ratios, search.order, fit_model, noise,
+                                                         reference, validation.held)
+        entry["kept_plain"] = not entry["validation_tuned"] < entry["validation_base"]
+        entry["model_evaluations"] += calls + more
+        if entry["kept_plain"]:
+            plan, entry["ratios"] = student.plan, [1.0] * n
     if holdout is not None:  # the ratios must carry over to noises they were not fitted on, else none are kept
         entry["holdout_plain"], entry["holdout_tuned"] = holdout.loss(student.plan), holdout.loss(plan)
         entry["kept_plain"] = entry["holdout_tuned"] >= entry["holdout_plain"]
@@ -196,7 +209,8 @@ def _tune_s3(student, fit_model, noise, reference, n, options: dict, checkpoint_
     return plan, asdict(result), asdict(search)
 
 
-_METHODS = {"dc": (_tune_dc, {"search", "iters", "lr", "weight_decay", "bounds", "dc_order", "objective"}),
+_METHODS = {"dc": (_tune_dc, {"search", "iters", "lr", "weight_decay", "bounds", "dc_order", "objective",
+                              "validation_fraction"}),
             "timesteps": (_tune_timesteps, {"iters", "lr", "fd_step", "patience", *NELDER_MEAD_OPTIONS}),
             "coefficients": (_tune_coefficients, set(COEFFICIENT_OPTIONS)),
             "s3": (_tune_s3, {"budget_evaluations", "budget_seconds", "warmup", "round_size", "keep", "max_order",
@@ -222,7 +236,8 @@ def tune(scheduler, model, noise: torch.Tensor, num_inference_steps: int | Seque
     """Fit ``scheduler`` to ``model`` at each ``num_inference_steps``; returns a new scheduler of the same class.
 
     ``method="dc"`` options: ``search`` ("gradient" | "scan"), ``iters``, ``lr``, ``weight_decay``, ``bounds``,
-    ``dc_order``, ``objective`` ("next" | "final") (``fastsampler.tuning.dc.DCSearch``). ``method="timesteps"``: ``iters``, ``lr``, ``fd_step``
+    ``dc_order``, ``objective`` ("next" | "final") (``fastsampler.tuning.dc.DCSearch``), ``validation_fraction``
+    (without ``validation_noise``, the ratios are fitted on the rest of the batch and kept only if better on it). ``method="timesteps"``: ``iters``, ``lr``, ``fd_step``
     (``fastsampler.tuning.timesteps.TimestepSearch``); with ``search="nelder-mead"`` the baseline every method must
     beat, a derivative-free fit of the same time points: ``max_evaluations``, ``validation_fraction``,
     ``initial_step`` (``fastsampler.tuning.nelder_mead.NelderMeadSearch``). ``method="coefficients"``: ``iters``, ``lr``, ``lr_time``,

@@ -87,7 +87,10 @@ class DCReport:
     seconds: float = 0.0
 
 
-def _mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _mse(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared difference, over ``rows`` of the batch only when given (the fitting part of an in-batch split)."""
+    if rows is not None:
+        a, b = a[rows], b[rows]
     return (a.to(torch.float64) - b.to(torch.float64)).pow(2).mean()
 
 
@@ -109,8 +112,10 @@ class _StepProblem:
     """L_i(ρ) for one step, from the state before it and its model output."""
 
     def __init__(self, plan: Plan, state: RunState, model_output: torch.Tensor, model: Callable,
-                 target: torch.Tensor, order: int, final_target: torch.Tensor | None = None):
+                 target: torch.Tensor, order: int, final_target: torch.Tensor | None = None,
+                 rows: torch.Tensor | None = None):
         self.plan, self.state, self.model, self.target, self.order = plan, state, model, target, order
+        self.rows = rows
         self.final_target = final_target
         i = state.step
         self.i = i
@@ -137,12 +142,12 @@ class _StepProblem:
             for j in range(self.i + 1, self.plan.num_steps):
                 self.evaluations += 1
                 state = advance(self.plan, state, self.model(state.x, timestep(self.plan, j)))
-            return _mse(state.x, self.final_target)
+            return _mse(state.x, self.final_target, self.rows)
         if not self.corrector:
-            return _mse(after.x, self.target)
+            return _mse(after.x, self.target, self.rows)
         self.evaluations += 1
         nxt = advance(self.plan, after, self.model(after.x, timestep(self.plan, self.i + 1)))
-        return _mse(register(self.plan, nxt, "corrected"), self.target)
+        return _mse(register(self.plan, nxt, "corrected"), self.target, self.rows)
 
 
 def _plan_nodes(plan: Plan) -> Nodes:
@@ -213,27 +218,28 @@ def _save_checkpoint(path: Path | None, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def _final_loss(scheduler, ratios: list[float], order: int, model: Callable, noise: torch.Tensor,
-                teacher: torch.Tensor) -> tuple[float, int]:
+def final_loss(scheduler, ratios: list[float], order: int, model: Callable, noise: torch.Tensor,
+                teacher: torch.Tensor, rows: torch.Tensor | None = None) -> tuple[float, int]:
     plan = dc_plan(scheduler, ratios, order)
     state = start(plan, noise)
     with torch.no_grad():
         for i in range(plan.num_steps):
             state = advance(plan, state, model(state.x, timestep(plan, i)))
-    return float(_mse(state.x, teacher[-1])), plan.num_steps
+    return float(_mse(state.x, teacher[-1], rows)), plan.num_steps
 
 
 def search_ratios(scheduler, model: Callable, noise: torch.Tensor, teacher: torch.Tensor,
                   search: DCSearch = DCSearch(), checkpoint: str | Path | None = None,
-                  progress: bool = True) -> DCReport:
-    """Greedy per-step ratio search for the scheduler's current grid (``set_timesteps(N)`` done)."""
+                  progress: bool = True, rows: torch.Tensor | None = None) -> DCReport:
+    """Greedy per-step ratio search for the scheduler's current grid (``set_timesteps(N)`` done); the losses count
+    only ``rows`` of the batch when given (the model still sees the whole batch)."""
     began = time.perf_counter()
     n = scheduler.num_inference_steps
     ratios = [1.0] * n
     plan = dc_plan(scheduler, ratios, search.order)
     report = DCReport(n, ratios, [None] * n, [None] * n)
     path = Path(checkpoint) if checkpoint is not None else None
-    key = _checkpoint_key(plan, model, noise, teacher, search)
+    key = _checkpoint_key(plan, model, noise, teacher, search) + ("" if rows is None else f"-fit{len(rows)}")
     resumed = _load_checkpoint(path, key)
     done = 0
     if resumed is not None:
@@ -251,7 +257,7 @@ def search_ratios(scheduler, model: Callable, noise: torch.Tensor, teacher: torc
         searchable = state.taken >= search.order and compensation_nodes(_plan_nodes(plan), i, search.order)
         if i >= done and searchable:
             final = teacher[-1] if search.objective == "final" else None
-            problem = _StepProblem(plan, state, out, model, teacher[i + 1], search.order, final)
+            problem = _StepProblem(plan, state, out, model, teacher[i + 1], search.order, final, rows)
             method = _search_gradient if search.method == "gradient" else _search_scan
             ratios[i], report.step_loss_tuned[i], report.step_loss_plain[i] = method(problem, search)
             evaluations += problem.evaluations
@@ -265,14 +271,15 @@ def search_ratios(scheduler, model: Callable, noise: torch.Tensor, teacher: torc
             else:
                 state = advance(plan, state, out)
         state = state.detach()
-    report.final_loss_tuned = float(_mse(state.x, teacher[-1]))
-    report.final_loss_plain, calls = _final_loss(scheduler, [1.0] * n, search.order, model, noise, teacher)
+    report.final_loss_tuned = float(_mse(state.x, teacher[-1], rows))
+    report.final_loss_plain, calls = final_loss(scheduler, [1.0] * n, search.order, model, noise, teacher, rows)
     evaluations += calls
     if report.final_loss_tuned > report.final_loss_plain:
         # the greedy per-step losses did not add up on the final sample: keep the best prefix of the ratios
         best_k, best = 0, report.final_loss_plain
         for k in sorted({i + 1 for i, r in enumerate(ratios) if r != 1.0})[:-1]:
-            loss, calls = _final_loss(scheduler, ratios[:k] + [1.0] * (n - k), search.order, model, noise, teacher)
+            loss, calls = final_loss(scheduler, ratios[:k] + [1.0] * (n - k), search.order, model, noise, teacher,
+                                      rows)
             evaluations += calls
             if loss < best:
                 best_k, best = k, loss
