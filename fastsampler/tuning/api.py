@@ -150,11 +150,12 @@ def _tune_timesteps(student, fit_model, noise, reference, n, options: dict, chec
     if search_kind == "nelder-mead":
         return _tune_timesteps_nelder_mead(student, fit_model, noise, reference, n, options, checkpoint_dir, progress,
                                            holdout)
-    wrong = set(options) & set(NELDER_MEAD_OPTIONS) - {"search"}
+    wrong = set(options) & set(NELDER_MEAD_OPTIONS) - {"search", "validation_fraction"}
     if wrong:
         raise ValueError(f"{sorted(wrong)} apply to method='timesteps' with search='nelder-mead'")
 
-    search = TimestepSearch(**{k: options[k] for k in ("iters", "lr", "fd_step", "patience") if k in options})
+    search = TimestepSearch(**{k: options[k] for k in ("iters", "lr", "fd_step", "patience", "validation_fraction")
+                               if k in options})
     checkpoint = Path(checkpoint_dir) / f"timesteps_{n}.json" if checkpoint_dir is not None else None
     plan, result = learn_timesteps(student, fit_model, noise, reference[-1], search, checkpoint, progress, holdout)
     return plan, asdict(result), asdict(search)

@@ -39,7 +39,8 @@ from fastsampler.samplers.rules import Nodes, compile_plan
 from fastsampler.schedules.grids import Grid
 from fastsampler.tuning.holdout import Holdout
 from fastsampler.tuning.model import search_key
-from fastsampler.tuning.runner import advance, start
+from fastsampler.tuning.runner import advance, run, start
+from fastsampler.tuning.validation import Validation, per_sample_loss
 
 
 MIN_GAIN = 1e-4
@@ -51,10 +52,14 @@ class TimestepSearch:
     lr: float = 0.02  # 0.05 oscillates on the digits DDPM at NFE 5 (the loss surface is sharply curved)
     fd_step: float = 1e-5  # central-difference step in λ for the plan Jacobian
     patience: int = 20  # iterations without a relative gain of 1e-4 in the selection loss before stopping
+    validation_fraction: float = 0.25  # held out inside the batch when no held-out noises are given
 
     def __post_init__(self) -> None:
         if self.iters < 1 or self.lr <= 0 or self.fd_step <= 0 or self.patience < 1:
             raise ValueError("timesteps search: `iters` ≥ 1, `lr` > 0, `fd_step` > 0 and `patience` ≥ 1")
+        if not 0.0 < self.validation_fraction < 1.0:
+            raise ValueError("timesteps search: `validation_fraction` must lie in (0, 1), got "
+                             f"{self.validation_fraction!r}")
 
 
 @dataclass
@@ -74,6 +79,10 @@ class TimestepReport:
     seconds: float = 0.0
     iterations: int = 0
     stopped: str = ""
+    validation: str = ""  # where the selection loss comes from
+    validation_losses: list[float] = field(default_factory=list)  # per iteration, in-batch held rows
+    validation_base: float = math.nan  # the scheduler's own grid there
+    validation_tuned: float = math.nan  # the returned grid there
 
 
 def _lambda(rho: np.ndarray, flow: bool) -> np.ndarray:
@@ -168,7 +177,9 @@ def learn_timesteps(scheduler, model: Callable, noise: torch.Tensor, target: tor
     began = time.perf_counter()
     family = GridFamily(scheduler)
     dtype = torch.float64 if noise.dtype == torch.float64 else torch.float32
-    report = TimestepReport(family.n, timesteps_initial=[float(t) for t in scheduler.plan.timesteps])
+    validation = Validation(holdout, noise.shape[0], search.validation_fraction)
+    report = TimestepReport(family.n, timesteps_initial=[float(t) for t in scheduler.plan.timesteps],
+                            validation=validation.describe)
     path = Path(checkpoint) if checkpoint is not None else None
     key = search_key(scheduler.plan, model, noise, target, search)
     if holdout is not None:
@@ -188,6 +199,7 @@ def learn_timesteps(scheduler, model: Callable, noise: torch.Tensor, target: tor
             report.losses, first = saved["losses"], saved["iteration"]
             report.loss_initial = report.losses[0] if report.losses else math.nan
             report.holdout_losses = saved.get("holdout_losses", [])
+            report.validation_losses = saved.get("validation_losses", [])
             gained = saved.get("gained", gained)
     bar = progress_bars.bar(range(first, search.iters + 1), desc=f"time points ({family.n} steps)",
                             enabled=progress)
@@ -201,16 +213,15 @@ def learn_timesteps(scheduler, model: Callable, noise: torch.Tensor, target: tor
         optimiser.zero_grad()
         d_lambda = (family.interior(u) - torch.as_tensor(interior)).to(dtype)
         final, calls = sample_with_grad(plan, values, jac, d_lambda, model, noise, dtype)
-        loss = (final.to(torch.float64) - target.to(torch.float64)).pow(2).mean()
+        per_sample = per_sample_loss(final, target)
+        loss = per_sample[validation.fit].mean()
         value = float(loss.detach())  # ok-sync: tuning, host side
         report.model_evaluations += calls
         report.losses.append(value)
         if it == 0:
             report.loss_initial = value
-        score = value
-        if holdout is not None:  # select on the held-out noises
-            score = holdout.loss(plan)
-            report.holdout_losses.append(score)
+        score = validation.loss(per_sample, lambda: plan)  # select on noises the step did not fit
+        (report.holdout_losses if holdout is not None else report.validation_losses).append(score)
         if score < best_loss:
             best_u, best_loss, best_fit = u.detach().clone(), score, value
         if score < gained["loss"] * (1 - MIN_GAIN):
@@ -225,6 +236,7 @@ def learn_timesteps(scheduler, model: Callable, noise: torch.Tensor, target: tor
             tmp.write_text(json.dumps({"key": key, "u": u.detach().tolist(), "adam": _adam_json(optimiser),  # ok-sync
                                        "best_u": best_u.tolist(), "best_loss": best_loss, "best_fit": best_fit,  # ok-sync
                                        "losses": report.losses, "holdout_losses": report.holdout_losses,
+                                       "validation_losses": report.validation_losses,
                                        "gained": gained, "iteration": it + 1}))
             os.replace(tmp, path)
     report.iterations = len(report.losses)
@@ -232,10 +244,9 @@ def learn_timesteps(scheduler, model: Callable, noise: torch.Tensor, target: tor
     discrete = scheduler.timesteps.dtype == torch.int64
     tuned = family.plan(interior, round_timesteps=discrete)
     with torch.no_grad():
-        state = start(tuned, noise)
-        for i in range(tuned.num_steps):
-            state = advance(tuned, state, model(state.x, float(tuned.timesteps[i])))
-    report.loss_final_grid = float((state.x.double() - target.double()).pow(2).mean())
+        final_tuned, _ = run(tuned, model, noise)
+    per_tuned = per_sample_loss(final_tuned, target)
+    report.loss_final_grid = float(per_tuned[validation.fit].mean())
     report.model_evaluations += tuned.num_steps
     report.loss_best = best_fit  # the fitting loss of the grid kept
     if holdout is not None:
@@ -245,9 +256,16 @@ def learn_timesteps(scheduler, model: Callable, noise: torch.Tensor, target: tor
         if report.holdout_final > report.holdout_initial:  # rounding undid the held-out gain
             tuned, report.holdout_final = scheduler.plan, report.holdout_initial
             report.loss_final_grid = report.loss_initial
-    elif report.loss_final_grid > report.loss_initial:  # rounding undid the gain: keep the scheduler's own grid
-        tuned = scheduler.plan
-        report.loss_final_grid = report.loss_initial
+    else:  # the held rows of the batch decide: the learned grid, or the scheduler's own if it is not better there
+        with torch.no_grad():
+            final_base, _ = run(scheduler.plan, model, noise)
+        per_base = per_sample_loss(final_base, target)
+        report.model_evaluations += tuned.num_steps
+        report.validation_base = validation.loss(per_base, lambda: scheduler.plan)
+        report.validation_tuned = validation.loss(per_tuned, lambda: tuned)
+        if not report.validation_tuned < report.validation_base:
+            tuned, report.validation_tuned = scheduler.plan, report.validation_base
+            report.loss_final_grid = float(per_base[validation.fit].mean())
     report.timesteps_learned = [float(t) for t in tuned.timesteps]
     report.rho_learned = [float(r) for r in tuned.rho]
     report.seconds = time.perf_counter() - began
