@@ -150,13 +150,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", default="mixture,mixture-cfg7.5,digits")
     parser.add_argument("--nfe", default="4,5,6,8,10")
     parser.add_argument("--methods", default="baseline,timesteps,coefficients,dc")
+    parser.add_argument("--rerun", default="", help="methods to recompute in cells that have them (after a change)")
     parser.add_argument("--fit", type=int, default=64)
     parser.add_argument("--eval", type=int, default=256)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     methods = [m for m in args.methods.split(",") if m]
-    unknown = sorted(set(methods) - set(METHODS))
+    args.rerun = [m for m in args.rerun.split(",") if m]
+    unknown = sorted(set(methods + args.rerun) - set(METHODS))
     if unknown:
         parser.error(f"--methods: unknown {unknown}; choose from {sorted(METHODS)}")
     store = args.out / "tune_bench.json"
@@ -164,12 +166,15 @@ def main(argv: list[str] | None = None) -> int:
     stamp = run_stamp()
     for name in [c for c in args.cases.split(",") if c]:
         for n in [int(v) for v in args.nfe.split(",") if v]:
-            done = next((r for r in results if r["case"] == name and r["nfe"] == n and r["fit"] == args.fit
-                         and set(methods) <= set(r["methods"])), None)
-            if done is not None:
+            old = next((r for r in results if r["case"] == name and r["nfe"] == n and r["fit"] == args.fit), None)
+            todo = [m for m in methods if old is None or m not in old["methods"] or m in args.rerun]
+            if not todo:
                 continue
-            results = [r for r in results if not (r["case"] == name and r["nfe"] == n and r["fit"] == args.fit)]
-            results.append(run_cell(name, n, methods, args.fit, args.eval))
+            cell = run_cell(name, n, todo, args.fit, args.eval)
+            if old is not None:  # the same noises and teacher: keep the methods not rerun
+                cell["methods"] = {**old["methods"], **cell["methods"]}
+                results.remove(old)
+            results.append(cell)
             args.out.mkdir(parents=True, exist_ok=True)
             store.write_text(json.dumps({**stamp, "results": results}, indent=1) + "\n")  # each cell as it ends
     (args.out / "tune_bench.md").write_text(markdown(results, stamp))
