@@ -276,7 +276,8 @@ class PlanScheduler(TimeShiftMixin, SchedulerMixin, ConfigMixin):
         """(ρ_min, ρ_max) of the config's discrete VP betas: the default ends of ``flow_respacing="rho"`` (as
         diffusers' UniPC, which takes them from ``alphas_cumprod`` even for a flow model)."""
         c = self.config
-        if not c.use_flow_sigmas or opts.flow_respacing(c) != "rho":
+        respaced = c.use_karras_sigmas or c.use_exponential_sigmas or c.use_beta_sigmas
+        if not (c.use_flow_sigmas and respaced and opts.flow_respacing(c) == "rho"):
             return None
         vp = DiscreteVP.from_config(c.num_train_timesteps, c.beta_start, c.beta_end, c.beta_schedule, c.trained_betas,
                                     c.rescale_betas_zero_snr)

@@ -45,7 +45,7 @@ import torch
 from fastsampler import progress as progress_bars
 from fastsampler.plans.format import OUT_STORE, Plan, src_slot
 from fastsampler.tuning.holdout import Holdout
-from fastsampler.tuning.validation import Validation, per_sample_loss
+from fastsampler.tuning.validation import Validation, check_fraction, per_sample_loss
 from fastsampler.eval.distributed import DistContext
 from fastsampler.tuning.model import search_key, subset, tensor_digest
 from fastsampler.tuning.runner import advance, prediction, row_level, run, start, step_sources
@@ -89,9 +89,7 @@ class CoefficientSearch:
             raise ValueError(f"coefficients search: `lr_decays` must be an integer ≥ 0, got {self.lr_decays!r}")
         if isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 1:
             raise ValueError(f"coefficients search: `patience` must be an integer ≥ 1, got {self.patience!r}")
-        if not 0.0 < self.validation_fraction < 1.0:
-            raise ValueError("coefficients search: `validation_fraction` must lie in (0, 1), got "
-                             f"{self.validation_fraction!r}")
+        check_fraction("coefficients search", self.validation_fraction)
 
 
 @dataclass
@@ -197,8 +195,9 @@ class Parametrisation:
         delta = torch.as_tensor(self.scale) * theta * torch.as_tensor(self.support)
         if not self.search.consistency:
             return delta
-        pi = torch.as_tensor(projectors(plan, self.support, self.prediction_type))
-        return torch.einsum("nocd,nod->noc", pi, delta)
+        if getattr(self, "_projected", (None,))[0] is not plan:  # a held grid: one projection for the whole run
+            self._projected = (plan, torch.as_tensor(projectors(plan, self.support, self.prediction_type)))
+        return torch.einsum("nocd,nod->noc", self._projected[1], delta)
 
     def materialise(self, u: torch.Tensor, theta: torch.Tensor, round_timesteps: bool = False) -> Plan:
         plan = self.plan_at(u, round_timesteps)

@@ -28,7 +28,7 @@ import torch
 from scipy.optimize import minimize
 
 from fastsampler.plans.format import Plan
-from fastsampler.tuning.validation import Validation, per_sample_loss
+from fastsampler.tuning.validation import Validation, check_fraction, per_sample_loss
 from fastsampler.tuning.holdout import Holdout
 from fastsampler.tuning.model import search_key
 from fastsampler.tuning.runner import run
@@ -45,8 +45,7 @@ class NelderMeadSearch:
         if isinstance(self.max_evaluations, bool) or not isinstance(self.max_evaluations, int) \
                 or self.max_evaluations < 0:
             raise ValueError(f"nelder-mead: `max_evaluations` must be an integer ≥ 0, got {self.max_evaluations!r}")
-        if not 0.0 < self.validation_fraction < 1.0:
-            raise ValueError(f"nelder-mead: `validation_fraction` must lie in (0, 1), got {self.validation_fraction!r}")
+        check_fraction("nelder-mead", self.validation_fraction)
         if not self.initial_step > 0:
             raise ValueError(f"nelder-mead: `initial_step` must be positive, got {self.initial_step!r}")
 

@@ -40,7 +40,7 @@ from fastsampler.schedules.grids import Grid
 from fastsampler.tuning.holdout import Holdout
 from fastsampler.tuning.model import search_key
 from fastsampler.tuning.runner import advance, run, start
-from fastsampler.tuning.validation import Validation, per_sample_loss
+from fastsampler.tuning.validation import Validation, check_fraction, per_sample_loss
 
 
 MIN_GAIN = 1e-4
@@ -57,9 +57,7 @@ class TimestepSearch:
     def __post_init__(self) -> None:
         if self.iters < 1 or self.lr <= 0 or self.fd_step <= 0 or self.patience < 1:
             raise ValueError("timesteps search: `iters` ≥ 1, `lr` > 0, `fd_step` > 0 and `patience` ≥ 1")
-        if not 0.0 < self.validation_fraction < 1.0:
-            raise ValueError("timesteps search: `validation_fraction` must lie in (0, 1), got "
-                             f"{self.validation_fraction!r}")
+        check_fraction("timesteps search", self.validation_fraction)
 
 
 @dataclass

@@ -25,6 +25,12 @@ def per_sample_loss(final: torch.Tensor, target: torch.Tensor, loss: str = "fina
     return mse
 
 
+def check_fraction(search: str, fraction: float) -> None:
+    """Refuse a ``validation_fraction`` outside (0, 1), naming the search it belongs to."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0:
+        raise ValueError(f"{search}: `validation_fraction` must lie in (0, 1), got {fraction!r}")
+
+
 class Validation:
     """Held-out noises (``holdout``) or the batch's own tail: the loss of candidate parameters there."""
 
