@@ -108,33 +108,36 @@ def test_timesteps_method_returns_a_scheduler_with_the_learned_grid(tmp_path, mo
         assert entry["loss_final_grid"] <= entry["loss_initial"] * (1 + 1e-9)
 
 
+class Dying:
+    """``model`` (same cache key: the same study and checkpoints), killed at its ``at``-th call."""
+
+    def __init__(self, model, at: int):
+        self.model, self.at, self.calls = model, at, 0
+
+    def cache_key(self) -> str:
+        return self.model.cache_key()
+
+    def __call__(self, x, t):
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+        return self.model(x, t)
+
+
 def test_s3_search_improves_on_its_starting_point_and_resumes_identically(tmp_path):
     s = UniPCScheduler(**SD)
     s.set_timesteps(4)
     model, noise = mixture(s.config, 16, 1000)
     target = teacher_trajectories(s, model, noise, TeacherSpec(steps=40), progress=False)[-1]
-    search = S3Search(budget_evaluations=4 * 30, warmup=12, round_size=4, keep=2)
+    # the study's own resumption (the seeded time-point fits resume from their checkpoints: the test below)
+    search = S3Search(budget_evaluations=4 * 30, warmup=12, round_size=4, keep=2, seed_timesteps=False, refine_top=0)
     plan, report = search_schedule(s, model, noise, target, search, tmp_path / "a.log", progress=False)
-    assert report.best_score < report.baseline_score
+    assert report.validation_best <= report.validation_base
     assert report.history == sorted(report.history, reverse=True)
     assert plan.meta["scheduler"] == "S3Scheduler" and report.screened_out > 0
 
-    class Dying:
-        """The same model (same cache key: the same study), killed mid-way through a candidate."""
-
-        calls = 0
-
-        def cache_key(self) -> str:
-            return model.cache_key()
-
-        def __call__(self, x, t):
-            Dying.calls += 1
-            if Dying.calls == 4 * 17 + 2:  # mid-way through a candidate in a screened round
-                raise KeyboardInterrupt
-            return model(x, t)
-
-    with pytest.raises(KeyboardInterrupt):
-        search_schedule(s, Dying(), noise, target, search, tmp_path / "b.log", progress=False)
+    with pytest.raises(KeyboardInterrupt):  # mid-way through a candidate in a screened round
+        search_schedule(s, Dying(model, 4 * 17 + 2), noise, target, search, tmp_path / "b.log", progress=False)
     resumed, report_b = search_schedule(s, model, noise, target, search, tmp_path / "b.log", progress=False)
     assert resumed.fingerprint() == plan.fingerprint()
     # the finished candidates were not evaluated again
@@ -150,6 +153,40 @@ def test_s3_search_improves_on_its_starting_point_and_resumes_identically(tmp_pa
     assert report_c.model_evaluations >= 4 * 30  # a full search of its own budget, not a finished study resumed
     assert len(optuna.get_all_study_names(JournalStorage(JournalFileBackend(str(tmp_path / "b.log"))))) == 2
     assert report_b.history == report.history and report_b.evaluated == report.evaluated
+
+
+def test_s3_contains_the_learned_time_points_and_the_base(tmp_path):
+    """S³ searches on the learned grid too and compares the learned-time-point plan on validation: its result is
+    never worse there than ``method="timesteps"`` from the same start, nor than the scheduler's own plan; a run
+    killed during its time-point fit resumes to the same plan."""
+    s = UniPCScheduler(**SD)
+    model, noise = mixture(s.config, 16, 1000, guidance=7.5)
+    options = dict(budget_evaluations=4 * 24, warmup=8, round_size=4, keep=2)
+    timesteps = fastsampler.tune(s, model, noise, 4, method="timesteps", cache_dir=None, progress=False)
+    searched = fastsampler.tune(s, model, noise, 4, method="s3", cache_dir=None, progress=False,
+                                checkpoint_dir=tmp_path / "a", **options)
+    t, e = timesteps.tuning_report["steps"][4], searched.tuning_report["steps"][4]
+    assert e["validation"] == t["validation"] == "in-batch (last 4 of 16 fitting noises)"
+    assert e["validation_timesteps"] == pytest.approx(t["validation_tuned"], rel=1e-9)
+    assert e["validation_best"] <= t["validation_tuned"] and e["validation_best"] <= e["validation_base"]
+    assert e["validation_best"] == min(e["candidates"].values())
+    assert {"baseline", "learned time points"} <= set(e["candidates"])
+    assert any(name.startswith("refined #") for name in e["candidates"]) or e["chosen"] != "searched"
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = JournalStorage(JournalFileBackend(str(tmp_path / "a" / "s3_study.log")))
+    study = optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage)
+    assert study.trials[1].params["grid"] == "learned"  # the scheduler's own solver on the learned grid, seeded
+
+    s.set_timesteps(4)
+    target = teacher_trajectories(s, model, noise, TeacherSpec(), progress=False)[-1]
+    with pytest.raises(KeyboardInterrupt):  # during the seeded time-point fit
+        search_schedule(s, Dying(model, 4 * 6 + 2), noise, target, S3Search(**options), tmp_path / "b.log", progress=False)
+    assert (tmp_path / "b.log.seed.json").is_file()
+    resumed, _ = search_schedule(s, model, noise, target, S3Search(**options), tmp_path / "b.log", progress=False)
+    assert resumed.fingerprint() == searched.plans[4].fingerprint()
 
 
 def _worker(rank: int, world: int, port: int, folder: str) -> None:

@@ -198,7 +198,8 @@ def _tune_s3(student, fit_model, noise, reference, n, options: dict, checkpoint_
     from fastsampler.tuning.s3 import S3Search, search_schedule
 
     fields = {k: options[k] for k in ("budget_evaluations", "budget_seconds", "warmup", "round_size", "keep",
-                                      "max_order", "search_grid", "seed", "validate_top") if k in options}
+                                      "max_order", "search_grid", "seed", "validate_top", "validation_fraction", "seed_timesteps",
+                                      "refine_top") if k in options}
     if "grid_power_range" in options:
         fields["grid_power_range"] = tuple(options["grid_power_range"])
     search = S3Search(**fields)
@@ -215,7 +216,8 @@ _METHODS = {"dc": (_tune_dc, {"search", "iters", "lr", "weight_decay", "bounds",
             "timesteps": (_tune_timesteps, {"iters", "lr", "fd_step", "patience", *NELDER_MEAD_OPTIONS}),
             "coefficients": (_tune_coefficients, set(COEFFICIENT_OPTIONS)),
             "s3": (_tune_s3, {"budget_evaluations", "budget_seconds", "warmup", "round_size", "keep", "max_order",
-                              "search_grid", "grid_power_range", "seed", "storage", "scorer", "validate_top"})}
+                              "search_grid", "grid_power_range", "seed", "storage", "scorer", "validate_top",
+                              "validation_fraction", "seed_timesteps", "refine_top"})}
 
 
 def _result_class(scheduler, method: str) -> type:
@@ -246,8 +248,10 @@ def tune(scheduler, model, noise: torch.Tensor, num_inference_steps: int | Seque
     ``consistency``, ``init`` ("nelder-mead" | "base"), ``init_evaluations``, ``fd_step``
     (``fastsampler.tuning.coefficients.CoefficientSearch``). ``method="s3"``: ``budget_evaluations``, ``budget_seconds``,
     ``warmup``, ``round_size``, ``keep``, ``max_order``, ``search_grid``, ``grid_power_range``, ``seed``,
-    ``validate_top``, ``storage``, ``scorer`` (``fastsampler.tuning.s3.S3Search``; a ``scorer`` of the final samples,
-    lower is better, replaces the teacher error in the search and in the held-out selection). The returned scheduler's ``tuning_report`` holds, per step
+    ``validate_top``, ``validation_fraction``, ``seed_timesteps``, ``refine_top``, ``storage``, ``scorer``
+    (``fastsampler.tuning.s3.S3Search``; the search contains ``method="timesteps"``: its learned grid is a grid
+    choice and a candidate, and the best candidates' time points are refined by gradient; a ``scorer`` of the final
+    samples, lower is better, replaces the teacher error in the search and in the held-out selection). The returned scheduler's ``tuning_report`` holds, per step
     count, what was fitted and the losses on the fitting noises before and after, and — with
     ``validation_noise`` — on held-out noises. With ``teacher_check`` (default) it also holds the teacher's own error
     (``teacher_error``: against a teacher with twice the steps, on up to 16 of the fitting noises) next to the tuned

@@ -62,8 +62,12 @@ def _summary(method: str, entry: dict) -> str:
         return (f"timesteps {[round(t, 2) for t in entry['timesteps_learned']]}, validation ({entry['validation']}) "
                 f"{entry['validation_base']:.4g} → {entry['validation_tuned']:.4g} after {entry['iterations']} "
                 f"iterations (best {entry['best_iteration']}; {entry['stopped']}){held} {cost}")
+    chosen = ""
+    if entry.get("validation_best") == entry.get("validation_best"):  # not NaN: the search validated
+        chosen = (f"; {entry['chosen']} chosen on validation ({entry['validation']}) "
+                  f"{entry['validation_base']:.4g} → {entry['validation_best']:.4g}")
     return (f"best score {entry['baseline_score']:.4g} → {entry['best_score']:.4g} ({entry['evaluated']} evaluated, "
-            f"{entry['screened_out']} screened out){held} {cost}")
+            f"{entry['screened_out']} screened out{chosen}){held} {cost}")
 
 
 def _floats(text: str | None) -> list[float | None]:

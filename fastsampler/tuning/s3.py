@@ -16,6 +16,17 @@ random forest from scikit-learn on the one-hot encoded choices, refitted after e
 evaluated so far) screens each round of ``round_size`` proposals and only the ``keep`` most promising cost model
 evaluations — the others are recorded as pruned. The budget is model evaluations and/or wall time.
 
+The search contains its subsets (the time-points-only space and the scheduler's own solver): before it starts,
+the scheduler's time points are learned by gradient (``fastsampler.tuning.timesteps``, same validation) and their
+grid joins the space as a third grid choice ("learned"); the study is seeded with the scheduler's own solver on its
+own grid and on the learned one. After the discrete search the ``refine_top`` best candidates have their time
+points refined by the same gradient search. The plan returned is the best on validation among the scheduler's own
+plan, the learned-time-point plan, the ``validate_top`` best candidates and the refined ones, so by construction it
+is never worse on validation than the base or than ``method="timesteps"`` from the same start. Validation: the
+held-out noises when given, else the last ``validation_fraction`` of the fitting batch, held inside it (the
+candidates are ranked on the rest); a search by a user ``scorer`` without held-out noises scores the whole batch
+(a small-sample FID of a quarter of the batch would only add noise) and has no validation.
+
 Resumption and workers: the study lives in an optuna journal file (``storage``), so a killed search resumes
 without repeating finished evaluations (a candidate interrupted mid-evaluation is evaluated again with the same
 choices), and several processes (e.g. ``torchrun`` ranks, gloo on CPU) can search one study together. Proposals
@@ -24,6 +35,7 @@ are seeded by the trial number, so a resumed search proposes exactly what an uni
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -47,6 +59,7 @@ from fastsampler.schedules.grids import Grid
 from fastsampler.tuning.holdout import Holdout
 from fastsampler.tuning.model import tensor_digest
 from fastsampler.tuning.runner import advance, start
+from fastsampler.tuning.validation import Validation, check_fraction, per_sample_loss
 
 
 @dataclass(frozen=True)
@@ -62,9 +75,15 @@ class S3Search:
     search_grid: bool = True
     grid_power_range: tuple[float, float] = (1.0, 12.0)
     seed: int = 0
-    validate_top: int = 8  # with held-out noises: this many best candidates (and the baseline) are scored on them
+    validate_top: int = 8  # this many best candidates on the fitting rows (and the seeds) are compared on validation
+    validation_fraction: float = 0.25  # held out inside the batch when no held-out noises are given
+    seed_timesteps: bool = True  # learn the time points first: a "learned" grid choice and a seed candidate
+    refine_top: int = 1  # this many best candidates get their time points refined by gradient after the search
 
     def __post_init__(self) -> None:
+        check_fraction("S3 search", self.validation_fraction)
+        if self.refine_top < 0:
+            raise ValueError(f"S3 search: `refine_top` must be ≥ 0, got {self.refine_top}")
         if self.validate_top < 1:
             raise ValueError(f"S3 search: `validate_top` must be ≥ 1, got {self.validate_top}")
         if self.budget_evaluations is None and self.budget_seconds is None:
@@ -88,20 +107,33 @@ class S3Report:
     history: list[float] = field(default_factory=list)  # best score after each evaluated candidate
     holdout_baseline: float = math.nan  # with held-out noises: the baseline's and the chosen candidate's loss there
     holdout_best: float = math.nan
+    validation: str = ""  # where the validation loss comes from
+    validation_base: float = math.nan  # the scheduler's own plan on validation (in-batch or held-out)
+    validation_timesteps: float = math.nan  # the learned-time-point plan there (the time-points-only subset)
+    validation_best: float = math.nan  # the returned plan there
+    chosen: str = "baseline"  # baseline | learned time points | searched | refined
+    candidates: dict[str, float] = field(default_factory=dict)  # every plan compared on validation, by name
 
 
 @dataclass(frozen=True)
 class GridChoice:
     """The searched grid: the scheduler's own nodes (``power`` None) or Karras-spaced ones with exponent ``power``;
-    the final level the scheduler's own (``final="own"``) or the smallest trained noise level (``"sigma_min"``)."""
+    the final level the scheduler's own (``final="own"``) or the smallest trained noise level (``"sigma_min"``);
+    ``learned``: the learned time points' grid (its own ends; ``power`` and ``final`` do not apply)."""
 
     power: float | None = None
     final: str = "own"
+    learned: bool = False
 
 
-def grid_nodes(scheduler, n: int, choice: GridChoice) -> Nodes:
-    """The nodes of ``choice`` between the scheduler's current grid's first node and its last positive one."""
+def grid_nodes(scheduler, n: int, choice: GridChoice, learned: Plan | None = None) -> Nodes:
+    """The nodes of ``choice`` between the scheduler's current grid's first node and its last positive one (or
+    the ``learned`` plan's nodes)."""
     plan = scheduler.plan
+    if choice.learned:
+        if learned is None:
+            raise ValueError("the learned grid choice needs the learned-time-point plan")
+        return Nodes.from_grid(Grid(np.asarray(learned.timesteps, dtype=np.float64), learned.rho, learned.flow))
     rho = np.asarray(plan.rho, dtype=np.float64)
     own_final = float(rho[-1])
     final = own_final if choice.final == "own" else scheduler.training_rho_range()[0]
@@ -130,9 +162,10 @@ RELAXATIONS = ("none", "dpmsolver-2", "unipc-bh1", "unipc-bh2")
 CORRECTOR_RELAXATIONS = ("none", "unipc-bh1", "unipc-bh2")
 
 
-def _suggest(trial, n: int, search: S3Search) -> tuple[USFSchedule, GridChoice]:
+def _suggest(trial, n: int, search: S3Search, learned: bool = False) -> tuple[USFSchedule, GridChoice]:
     """The candidate a trial encodes: per step order, prediction, first-derivative relaxation, corrector and its
-    relaxation; the analytical first step; the grid (the scheduler's own, or Karras with a searched exponent)."""
+    relaxation; the analytical first step; the grid (the scheduler's own, Karras with a searched exponent, or —
+    with ``learned`` — the learned time points')."""
     steps = []
     for i in range(n):
         order = trial.suggest_int(f"order_{i}", 1, min(search.max_order, i + 1))
@@ -151,14 +184,16 @@ def _suggest(trial, n: int, search: S3Search) -> tuple[USFSchedule, GridChoice]:
     if search.search_grid:
         final = trial.suggest_categorical("final", ["own", "sigma_min"])
         power = None
-        if trial.suggest_categorical("grid", ["own", "karras"]) == "karras":
+        kind = trial.suggest_categorical("grid", ["own", "karras", "learned"] if learned else ["own", "karras"])
+        if kind == "karras":
             power = trial.suggest_float("grid_power", *search.grid_power_range)
-        grid = GridChoice(power, final)
+        grid = GridChoice(power, final, kind == "learned")
     return USFSchedule(tuple(steps), afs=None if afs == "none" else afs), grid
 
 
-def _params(schedule: USFSchedule, search: S3Search) -> dict[str, Any]:
-    """The trial parameters of a schedule on the scheduler's own grid (to start the search from it)."""
+def _params(schedule: USFSchedule, search: S3Search, grid: str = "own") -> dict[str, Any]:
+    """The trial parameters of a schedule on the scheduler's own grid or the learned one (to start the search
+    from it)."""
     params: dict[str, Any] = {"afs": schedule.afs or "none"}
     n = schedule.num_steps
     for i, step in enumerate(schedule.steps):
@@ -171,7 +206,7 @@ def _params(schedule: USFSchedule, search: S3Search) -> dict[str, Any]:
             if step.corrector == "pseudo":
                 params[f"corrector_relaxation_{i}"] = step.corrector_relaxation or "none"
     if search.search_grid:
-        params["grid"], params["final"] = "own", "own"
+        params["grid"], params["final"] = grid, "own"
     return params
 
 
@@ -202,7 +237,7 @@ def _features(params: dict[str, Any], n: int, search: S3Search) -> np.ndarray:
         row += [float(params.get(f"corrector_{i}") == "pseudo")]
         row += [float(params.get(f"corrector_relaxation_{i}", "none") == r) for r in CORRECTOR_RELAXATIONS[1:]]
     row += [float(params.get("afs") == "zero_x0"), float(params.get("grid") == "karras"),
-            float(params.get("final") == "sigma_min")]
+            float(params.get("grid") == "learned"), float(params.get("final") == "sigma_min")]
     lo, hi = search.grid_power_range
     row += [(params.get("grid_power", lo) - lo) / (hi - lo)]
     return np.asarray(row)
@@ -213,16 +248,20 @@ def _valid(schedule_or_error) -> bool:
 
 
 class _Evaluator:
-    """Scores candidates: samples from the fitting noises against the teacher (or a scorer of the samples)."""
+    """Scores candidates: samples from the fitting noises against the teacher (or a scorer of the samples). With
+    in-batch validation the score is the loss on the fitting rows and ``last_validation`` the held rows' loss."""
 
     def __init__(self, scheduler, model: Callable, noise: torch.Tensor, target: torch.Tensor,
-                 scorer: Callable[[torch.Tensor], float] | None):
+                 scorer: Callable[[torch.Tensor], float] | None, validation: Validation | None,
+                 learned: Plan | None = None):
         self.scheduler, self.model, self.noise, self.target, self.scorer = scheduler, model, noise, target, scorer
+        self.validation, self.learned = validation, learned
         self.evaluations = 0
+        self.last_validation = math.nan
 
     def plan(self, schedule: USFSchedule, grid: GridChoice) -> Plan:
         s = self.scheduler
-        nodes = grid_nodes(s, schedule.num_steps, grid)
+        nodes = grid_nodes(s, schedule.num_steps, grid, self.learned)
         meta = {"scheduler": "S3Scheduler", "schedule": s._fingerprint(nodes.timesteps), "tuned": "s3"}
         return compile_plan(USF(schedule), nodes, s.config.prediction_type, (), meta)
 
@@ -232,11 +271,17 @@ class _Evaluator:
         for i in range(plan.num_steps):
             state = advance(plan, state, self.model(state.x, float(plan.timesteps[i])))
         self.evaluations += plan.num_steps
+        self.last_validation = math.nan
         if not torch.isfinite(state.x).all():
+            self.last_validation = math.inf
             return math.inf
         if self.scorer is not None:
             return float(self.scorer(state.x))
-        return float((state.x.double() - self.target.double()).pow(2).mean())
+        per_sample = per_sample_loss(state.x, self.target)
+        if self.validation is None or self.validation.holdout is not None:
+            return float(per_sample.mean())  # ok-sync: tuning, host side
+        self.last_validation = self.validation.loss(per_sample, lambda: plan)
+        return float(per_sample[self.validation.fit].mean())  # ok-sync: tuning, host side
 
 
 def scorer_key(scorer: Callable[[torch.Tensor], float] | None) -> str | None:
@@ -248,16 +293,20 @@ def scorer_key(scorer: Callable[[torch.Tensor], float] | None) -> str | None:
 
 
 def study_key(plan: Plan, model, noise: torch.Tensor, target: torch.Tensor, search: S3Search,
-              scorer: Callable[[torch.Tensor], float] | None = None) -> str:
+              scorer: Callable[[torch.Tensor], float] | None = None, learned: Plan | None = None) -> str:
     """What a study's scores depend on (the budget aside: a rerun with a larger one continues the study), so a
     journal shared by several searches never resumes one from another's scores (the scorer included: a search
     by FID must not continue one scored by the teacher error)."""
     model_key = model.cache_key() if hasattr(model, "cache_key") else repr(model)
-    settings = {k: v for k, v in asdict(search).items() if k not in ("budget_evaluations", "budget_seconds")}
+    # what does not change a candidate's score stays out (a rerun with a larger budget continues the study)
+    settings = {k: v for k, v in asdict(search).items()
+                if k not in ("budget_evaluations", "budget_seconds", "refine_top", "seed_timesteps")}
     fields = {"plan": plan.fingerprint(), "model": model_key, "noise": tensor_digest(noise),
               "target": tensor_digest(target), "search": settings}
     if scorer is not None:  # absent for the teacher error, so earlier studies keep their names
         fields["scorer"] = scorer_key(scorer)
+    if learned is not None:  # the "learned" grid choice's nodes
+        fields["learned"] = learned.fingerprint()
     payload = json.dumps(fields, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -283,22 +332,41 @@ def search_schedule(scheduler, model: Callable, noise: torch.Tensor, target: tor
                     barrier: Callable[[], None] | None = None) -> tuple[Plan, S3Report]:
     """Search a USF schedule for the scheduler's current number of steps; returns its plan and a report.
 
-    With ``holdout``, the ``validate_top`` best candidates on the fitting noises and the scheduler's own plan are
-    scored on the held-out noises and the best there is returned. Several workers sharing one study pass
-    ``barrier`` (all meet there once their budget is spent, so each reads the finished study and returns the same
-    plan)."""
+    The plan is the best on validation (``holdout``'s noises, else the batch's held rows) among the scheduler's own
+    plan, the learned-time-point plan, the ``validate_top`` best candidates on the fitting rows and the refined
+    ones (module docstring). Several workers sharing one study pass ``barrier`` (all meet there once their budget
+    is spent, so each reads the finished study and returns the same plan). With ``storage``, the time-point fits
+    checkpoint next to it."""
     import optuna
     from optuna.trial import TrialState
-    from sklearn.ensemble import RandomForestRegressor
 
     began = time.perf_counter()
     n = scheduler.num_inference_steps
-    evaluator = _Evaluator(scheduler, model, noise, target, scorer)
-    report = S3Report(n)
+    validation = None if scorer is not None and holdout is None else \
+        Validation(holdout, noise.shape[0], search.validation_fraction)
+    report = S3Report(n, validation=validation.describe if validation is not None else "none (scored by `scorer`)")
     baseline = scheduler.plan
+    spent_outside = [0]  # model evaluations of the time-point fits
+    learned = None
+    if search.seed_timesteps and n >= 2 and validation is not None:
+        learned = _fit_time_points(scheduler, model, noise, target, search, holdout, _side_path(storage, "seed"),
+                                   progress, spent_outside)
+    evaluator = _Evaluator(scheduler, model, noise, target, scorer, validation, learned)
     report.baseline_score = evaluator.score(baseline)
-    study = _study(storage, study_name or f"s3-{n}-{study_key(baseline, model, noise, target, search, scorer)}")
+    candidates: dict[str, tuple[Plan, float, dict]] = {}  # name → plan, validation loss, description
 
+    def compare(name: str, plan: Plan, loss: float, described: dict) -> None:
+        candidates[name] = (plan, loss, described)
+        report.candidates[name] = loss
+
+    if validation is not None:
+        compare("baseline", baseline, _validate(evaluator, baseline, holdout), {"baseline": True})
+        report.validation_base = report.candidates["baseline"]
+    if learned is not None:
+        report.validation_timesteps = _validate(evaluator, learned, holdout)
+        compare("learned time points", learned, report.validation_timesteps, {"learned_time_points": True})
+    study = _study(storage, study_name or
+                   f"s3-{n}-{study_key(baseline, model, noise, target, search, scorer, learned)}")
     session = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
 
     def ask():
@@ -311,10 +379,13 @@ def search_schedule(scheduler, model: Callable, noise: torch.Tensor, target: tor
 
     def evaluate(trial) -> float:
         try:
-            schedule, grid = _suggest(trial, n, search)
+            schedule, grid = _suggest(trial, n, search, learned is not None)
             value = evaluator.score(evaluator.plan(schedule, grid))
         except ValueError:  # a combination the space refuses (e.g. too little history)
-            value = math.inf
+            value, evaluator.last_validation = math.inf, math.nan
+        if not math.isnan(evaluator.last_validation):
+            trial.set_user_attr("validation", evaluator.last_validation if math.isfinite(evaluator.last_validation)
+                                else 1e30)
         study.tell(trial, value if math.isfinite(value) else 1e30)
         return value
 
@@ -324,21 +395,74 @@ def search_schedule(scheduler, model: Callable, noise: torch.Tensor, target: tor
         over_time = search.budget_seconds is not None and time.perf_counter() - began >= search.budget_seconds
         return over_evals or over_time
 
-    if not study.trials:  # start from the scheduler's own solver where the space has it
+    if not study.trials:  # start from the scheduler's own solver where the space has it, on both grids
         start_schedule = starting_schedule(scheduler)
         if start_schedule is not None and start_schedule.num_steps == n:
             study.enqueue_trial(_params(start_schedule, search))
-    # a candidate interrupted mid-evaluation by a killed run: evaluate it again, same choices
-    last_param = "grid" if search.search_grid else "afs"  # suggested last (grid_power only follows "karras")
-    for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if not _abandoned(stale.user_attrs.get("worker", ""), session):
-            continue  # another worker is evaluating it
-        complete_params = last_param in stale.params and (stale.params.get("grid") != "karras"
-                                                          or "grid_power" in stale.params)
-        if complete_params:
-            evaluate(optuna.trial.Trial(study, stale._trial_id))
-        else:
-            study.tell(stale.number, state=TrialState.FAIL)
+            if learned is not None and search.search_grid:
+                study.enqueue_trial(_params(start_schedule, search, grid="learned"))
+    _finish_stale(study, session, search, evaluate)
+    _run_rounds(study, search, n, learned is not None, ask, evaluate, spent, report, progress)
+    if barrier is not None:
+        barrier()  # every worker's candidates are told: all read the same finished study
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    ranked = [t for t in sorted(complete, key=lambda t: (t.value, t.number)) if t.value < 1e30]
+
+    def candidate(t) -> tuple[Plan, dict]:
+        schedule, grid = _suggest(optuna.trial.FixedTrial(t.params), n, search, learned is not None)
+        return evaluator.plan(schedule, grid), {"schedule": schedule.to_dict(), "grid_power": grid.power,
+                                                "final": grid.final, "learned_grid": grid.learned}
+
+    plan, report.best_score, report.best = baseline, report.baseline_score, {"baseline": True}
+    if validation is None:  # scored by the user's scorer on the whole batch: the best score wins
+        if ranked and ranked[0].value < report.baseline_score:
+            (plan, report.best), report.best_score = candidate(ranked[0]), ranked[0].value
+    else:
+        distinct: list[tuple[Any, Plan, dict]] = []  # the best candidates, one per plan (TPE repeats itself)
+        seen = {baseline.fingerprint()} | ({learned.fingerprint()} if learned is not None else set())
+        for t in ranked:
+            if len(distinct) == search.validate_top:
+                break
+            cand_plan, described = candidate(t)
+            if cand_plan.fingerprint() not in seen:
+                seen.add(cand_plan.fingerprint())
+                distinct.append((t, cand_plan, described))
+        for t, cand_plan, described in distinct:
+            loss = t.user_attrs.get("validation") if holdout is None else None
+            compare(f"searched #{t.number}", cand_plan, _validate(evaluator, cand_plan, holdout) if loss is None
+                    else loss, described)
+        for t, cand_plan, described in distinct[:search.refine_top] if n >= 2 else []:
+            refined = _fit_time_points(_holding(scheduler, cand_plan, described), model, noise, target, search,
+                                       holdout, _side_path(storage, f"refine-{t.number}"), progress, spent_outside)
+            if refined.fingerprint() != cand_plan.fingerprint():
+                refined = dataclasses.replace(refined, meta={**refined.meta, "tuned": "s3"})
+                compare(f"refined #{t.number}", refined, _validate(evaluator, refined, holdout),
+                        {**described, "refined_time_points": True})
+        name = min(candidates, key=lambda k: (candidates[k][1], k != "baseline"))  # ties keep the simpler
+        plan, loss, report.best = candidates[name]
+        report.chosen = name.split(" #")[0]
+        report.validation_best = loss
+        if plan is not baseline:
+            report.best_score = evaluator.score(plan)
+        if holdout is not None:
+            report.holdout_baseline, report.holdout_best = report.validation_base, loss
+            evaluator.evaluations += holdout.evaluations
+    report.evaluated = len(complete)
+    running = math.inf
+    for t in sorted(complete, key=lambda t: t.number):
+        running = min(running, t.value)
+        report.history.append(running)
+    report.model_evaluations = evaluator.evaluations + spent_outside[0]
+    report.seconds = time.perf_counter() - began
+    return plan, report
+
+
+def _run_rounds(study, search: S3Search, n: int, learned_grid: bool, ask, evaluate, spent, report: S3Report, progress: bool) -> None:
+    """The predictor-screened search until the budget is spent: warm-up candidates, then rounds of
+    ``round_size`` proposals of which the forest lets ``keep`` be evaluated."""
+    from optuna.trial import TrialState
+    from sklearn.ensemble import RandomForestRegressor
+
     bar = progress_bars.bar(desc=f"S3 ({n} steps)", enabled=progress, unit="cand")
     while not spent():
         complete = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number)
@@ -353,7 +477,7 @@ def search_schedule(scheduler, model: Callable, noise: torch.Tensor, target: tor
             for _ in range(search.round_size):
                 trial = ask()
                 try:
-                    _suggest(trial, n, search)
+                    _suggest(trial, n, search, learned_grid)
                 except ValueError:
                     study.tell(trial, state=TrialState.PRUNED)
                     continue
@@ -372,38 +496,60 @@ def search_schedule(scheduler, model: Callable, noise: torch.Tensor, target: tor
             bar.set_postfix(best=f"{study.best_value:.4g}", baseline=f"{report.baseline_score:.4g}")
         bar.update()
     bar.close()
-    if barrier is not None:
-        barrier()  # every worker's candidates are told: all read the same finished study
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    ranked = sorted(complete, key=lambda t: (t.value, t.number))
 
-    def candidate(t) -> tuple[Plan, dict]:
-        schedule, grid = _suggest(optuna.trial.FixedTrial(t.params), n, search)
-        return evaluator.plan(schedule, grid), {"schedule": schedule.to_dict(), "grid_power": grid.power,
-                                                "final": grid.final}
 
-    plan, report.best_score, report.best = baseline, report.baseline_score, {"baseline": True}
-    if holdout is None:
-        if ranked and ranked[0].value < report.baseline_score:
-            (plan, report.best), report.best_score = candidate(ranked[0]), ranked[0].value
-    else:
-        report.holdout_baseline = report.holdout_best = holdout.loss(baseline)
-        for t in ranked[:search.validate_top]:
-            if not math.isfinite(t.value) or t.value >= 1e30:
-                continue
-            cand_plan, cand = candidate(t)
-            loss = holdout.loss(cand_plan)
-            if loss < report.holdout_best:
-                plan, report.best, report.best_score, report.holdout_best = cand_plan, cand, t.value, loss
-        evaluator.evaluations += holdout.evaluations
-    report.evaluated = len(complete)
-    running = math.inf
-    for t in sorted(complete, key=lambda t: t.number):
-        running = min(running, t.value)
-        report.history.append(running)
-    report.model_evaluations = evaluator.evaluations + n  # + the baseline
-    report.seconds = time.perf_counter() - began
-    return plan, report
+def _finish_stale(study, session: str, search: S3Search, evaluate) -> None:
+    """A candidate interrupted mid-evaluation by a killed run is evaluated again, same choices (one whose
+    choices were not all drawn is marked failed)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    last_param = "grid" if search.search_grid else "afs"  # suggested last (grid_power only follows "karras")
+    for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not _abandoned(stale.user_attrs.get("worker", ""), session):
+            continue  # another worker is evaluating it
+        complete_params = last_param in stale.params and (stale.params.get("grid") != "karras"
+                                                          or "grid_power" in stale.params)
+        if complete_params:
+            evaluate(optuna.trial.Trial(study, stale._trial_id))
+        else:
+            study.tell(stale.number, state=TrialState.FAIL)
+
+
+def _side_path(storage: str | Path | None, name: str) -> Path | None:
+    """Where a time-point fit of this search checkpoints: next to the study's journal."""
+    return None if storage is None else Path(f"{storage}.{name}.json")
+
+
+def _validate(evaluator: _Evaluator, plan: Plan, holdout: Holdout | None) -> float:
+    """``plan``'s validation loss: on the held-out noises, else on the batch's held rows."""
+    if holdout is not None:
+        return holdout.loss(plan)
+    evaluator.score(plan)
+    return evaluator.last_validation
+
+
+def _holding(scheduler, plan: Plan, described: dict):
+    """An ``S3Scheduler`` running the candidate's schedule, currently on the candidate's grid (what the time-point
+    search moves)."""
+    from fastsampler.adapters.s3 import S3Scheduler
+
+    probe = S3Scheduler.from_config(scheduler.config, usf_schedule=described["schedule"], usf_preset=None)
+    probe.set_plan(plan)
+    probe.set_timesteps(plan.num_steps)
+    return probe
+
+
+def _fit_time_points(scheduler, model: Callable, noise: torch.Tensor, target: torch.Tensor, search: S3Search,
+                     holdout: Holdout | None, checkpoint: Path | None, progress: bool, spent: list[int]) -> Plan:
+    """The scheduler's current solver with its time points learned by gradient (same validation as the search;
+    the current grid is kept unless the learned one is better there)."""
+    from fastsampler.tuning.timesteps import TimestepSearch, learn_timesteps
+
+    settings = TimestepSearch(validation_fraction=search.validation_fraction)
+    plan, fitted = learn_timesteps(scheduler, model, noise, target, settings, checkpoint, progress, holdout)
+    spent[0] += fitted.model_evaluations
+    return plan
 
 
 def _abandoned(worker: str, session: str) -> bool:
