@@ -2,16 +2,21 @@
 
 Cases: ``mixture`` (the exact digits Gaussian mixture, SD schedule), ``mixture-cfg7.5`` (its class-conditional form
 with exact classifier-free guidance at 7.5), ``digits`` (the embedded digits DDPM), ``digits-cond-w1.5`` /
-``digits-cond-w4`` (the embedded class-conditional model, guided). Every method starts from the same scheduler
+``digits-cond-w4`` (the embedded class-conditional model, guided; labels 0–9 in turn); the networks' schedulers
+use ``timestep_spacing="trailing"``. Every method starts from the same scheduler
 (UniPC bh2 order 2, the pipeline's config), fits on ``--fit`` noises with its defaults (its own validation
 included) and is scored on ``--eval`` other noises: the mean squared error of the final sample against the teacher
 (DPM-Solver++ 3M, 200 steps) from the same noise. Reported per cell: its root (RMSE over all samples and pixels)
 as a ratio to the best diffusers
 built-in scheduler at the same NFE (DPM-Solver++ 2M/3M, UniPC bh1/bh2 order 2/3, DEIS 2/3, DDIM; best on the
-evaluation noises themselves, which favours the built-ins) and to the Nelder–Mead baseline, and the tuning seconds.
+evaluation noises themselves, which favours the built-ins) and to the Nelder–Mead baseline, and the tuning seconds
+(teacher and teacher check included). For the network cases also the FID against the digits **test** split of
+``--fid-samples`` samples per seed in ``--fid-seeds`` (digits-CNN features, ``fastsampler.eval.fid.fid_scorer``),
+next to DDIM with 250 steps and the best built-in.
 
     python benchmarks/tune_bench.py [--cases mixture,mixture-cfg7.5,digits] [--nfe 4,5,6,8,10] \\
-        [--methods baseline,timesteps,coefficients,dc,s3] [--fit 64] [--eval 256]
+        [--methods baseline,timesteps,coefficients,dc,s3] [--fit 64] [--eval 256] [--fid-samples 1000] \\
+        [--fid-seeds 0,1]
 
 Results accumulate in ``benchmarks/results/tune_bench.json`` (a rerun skips the cells it has) and the table in
 ``tune_bench.md``, with the machine and the date.
@@ -68,7 +73,9 @@ def case(name: str, batch: int, seed: int) -> tuple[Callable, torch.Tensor, dict
     noise = torch.randn(batch, pipe.unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(seed))
     model = from_pipeline(pipe, batch, **options)
     model.unet.requires_grad_(False)
-    return model, noise, dict(pipe.scheduler.config)
+    # every sampler starts at t = 999 ("leading" spacing would start NFE 5 at t = 800 from pure noise), as in
+    # benchmarks/fid_digits.py and the shipped tuned folders
+    return model, noise, {**pipe.scheduler.config, "timestep_spacing": "trailing"}
 
 
 def final_sample(scheduler, model: Callable, noise: torch.Tensor, n: int) -> torch.Tensor:
@@ -91,7 +98,27 @@ def median_sample_mse(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).pow(2).flatten(1).mean(1).median())
 
 
-def run_cell(name: str, n: int, methods: list[str], fit: int, evaluate: int) -> dict:
+FID_SEED_OFFSET = 1000  # the FID noises' generator seeds: offset + seed (never the fitting or evaluation noises)
+CEILING_STEPS = 250  # DDIM with this many steps: the FID the tuned samplers are held to
+
+
+class FIDCheck:
+    """FID against the digits **test** split (the digits CNN's features) of a sampler's samples from ``samples``
+    fresh noises per seed, for the network cases."""
+
+    def __init__(self, name: str, samples: int, seeds: list[int]):
+        from fastsampler.eval.digits import load_digits_cond_pipeline, load_digits_pipeline
+        from fastsampler.eval.fid import fid_scorer
+
+        pipe = load_digits_pipeline() if name == "digits" else load_digits_cond_pipeline()
+        self.score = fid_scorer(pipe, "digits-test")
+        self.runs = [case(name, samples, FID_SEED_OFFSET + seed)[:2] for seed in seeds]
+
+    def __call__(self, scheduler, n: int) -> list[float]:
+        return [self.score(final_sample(scheduler, model, noise, n)) for model, noise in self.runs]
+
+
+def run_cell(name: str, n: int, methods: list[str], fit: int, evaluate: int, fid: FIDCheck | None = None) -> dict:
     import diffusers
 
     import fastsampler
@@ -107,6 +134,10 @@ def run_cell(name: str, n: int, methods: list[str], fit: int, evaluate: int) -> 
     cell = {"case": name, "nfe": n, "fit": fit, "eval": evaluate, "built_in": built_in,
             "best_built_in": min(built_in, key=built_in.get), "base": mse(final_sample(base, held_model, held, n),
                                                                            target), "methods": {}}
+    if fid is not None:
+        cls, opts = BUILT_INS[cell["best_built_in"]]
+        cell["fid"] = {f"DDIM {CEILING_STEPS}": fid(diffusers.DDIMScheduler.from_config(config), CEILING_STEPS),
+                       cell["best_built_in"]: fid(getattr(diffusers, cls).from_config(config, **opts), n)}
     for method in methods:
         kind, options = METHODS[method]
         began = time.perf_counter()
@@ -115,6 +146,8 @@ def run_cell(name: str, n: int, methods: list[str], fit: int, evaluate: int) -> 
         final = final_sample(tuned, held_model, held, n)
         cell["methods"][method] = {"error": mse(final, target), "median": median_sample_mse(final, target),
                                    "seconds": seconds}
+        if fid is not None:
+            cell["methods"][method]["fid"] = fid(tuned, n)
         print(f"{name} NFE {n} {method}: RMSE "
               f"{(cell['methods'][method]['error'] / built_in[cell['best_built_in']]) ** 0.5:.3f}× "
               f"best built-in ({seconds:.0f} s)", flush=True)
@@ -142,6 +175,18 @@ def markdown(results: list[dict], stamp: dict) -> str:
             cells.append(f"{(entry['error'] / best) ** 0.5:.2f}{vs} ({entry['seconds']:.0f} s)")
         lines.append(f"| {r['case']} | {r['nfe']} | {r['best_built_in']} | {(r['base'] / best) ** 0.5:.2f} | "
                      + " | ".join(cells) + " |")
+    fid_rows = [r for r in sorted(results, key=lambda r: (r["case"], r["nfe"])) if "fid" in r]
+    if fid_rows:
+        lines += ["", f"FID against the digits **test** split (359 images; digits-CNN features) of samples from fresh "
+                  f"noises, one value per seed (`--fid-samples` each); DDIM {CEILING_STEPS} steps is the ceiling "
+                  "the tuned samplers are held to.", "",
+                  f"| case | NFE | DDIM {CEILING_STEPS} | best built-in | " + " | ".join(methods) + " |",
+                  "|---|---|---|---|" + "---|" * len(methods)]
+        for r in fid_rows:
+            ceiling, best = r["fid"][f"DDIM {CEILING_STEPS}"], r["fid"][r["best_built_in"]]
+            values = [" / ".join(f"{v:.3f}" for v in r["methods"].get(m, {}).get("fid", [])) or "–" for m in methods]
+            lines.append(f"| {r['case']} | {r['nfe']} | {' / '.join(f'{v:.3f}' for v in ceiling)} | "
+                         f"{r['best_built_in']} {' / '.join(f'{v:.3f}' for v in best)} | " + " | ".join(values) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -149,10 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", default="mixture,mixture-cfg7.5,digits")
     parser.add_argument("--nfe", default="4,5,6,8,10")
-    parser.add_argument("--methods", default="baseline,timesteps,coefficients,dc")
+    parser.add_argument("--methods", default="baseline,timesteps,coefficients,dc,s3")
     parser.add_argument("--rerun", default="", help="methods to recompute in cells that have them (after a change)")
     parser.add_argument("--fit", type=int, default=64)
     parser.add_argument("--eval", type=int, default=256)
+    parser.add_argument("--fid-samples", type=int, default=1000, help="per seed, for the network cases (0: none)")
+    parser.add_argument("--fid-seeds", default="0,1")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -170,7 +217,14 @@ def main(argv: list[str] | None = None) -> int:
             todo = [m for m in methods if old is None or m not in old["methods"] or m in args.rerun]
             if not todo:
                 continue
-            cell = run_cell(name, n, todo, args.fit, args.eval)
+            fid = None
+            if name.startswith("digits") and args.fid_samples > 0:
+                fid = FIDCheck(name, args.fid_samples, [int(v) for v in args.fid_seeds.split(",") if v])
+                todo = [m for m in methods if old is None or "fid" not in old["methods"].get(m, {})
+                        or m in args.rerun]  # FID for every method of the cell, or the table would mix runs
+            cell = run_cell(name, n, todo, args.fit, args.eval, fid)
+            for method in todo:  # cells fill over several runs: each method's result keeps its own date
+                cell["methods"][method]["date"] = stamp["date"]
             if old is not None:  # the same noises and teacher: keep the methods not rerun
                 cell["methods"] = {**old["methods"], **cell["methods"]}
                 results.remove(old)

@@ -169,7 +169,7 @@ def test_s3_contains_the_learned_time_points_and_the_base(tmp_path):
     assert e["validation"] == t["validation"] == "in-batch (last 4 of 16 fitting noises)"
     assert e["validation_timesteps"] == pytest.approx(t["validation_tuned"], rel=1e-9)
     assert e["validation_best"] <= t["validation_tuned"] and e["validation_best"] <= e["validation_base"]
-    assert e["validation_best"] == min(e["candidates"].values())
+    assert e["validation_best"] == e["candidates"][e["chosen"]]
     assert {"baseline", "learned time points"} <= set(e["candidates"])
     assert any(name.startswith("refined #") for name in e["candidates"]) or e["chosen"] != "searched"
     import optuna
@@ -187,6 +187,28 @@ def test_s3_contains_the_learned_time_points_and_the_base(tmp_path):
     assert (tmp_path / "b.log.seed.json").is_file()
     resumed, _ = search_schedule(s, model, noise, target, S3Search(**options), tmp_path / "b.log", progress=False)
     assert resumed.fingerprint() == searched.plans[4].fingerprint()
+
+
+def test_s3_keeps_the_time_point_plan_unless_a_candidate_is_clearly_better():
+    """A searched candidate replaces the learned-time-point plan only when its validation gain exceeds one standard
+    error of the per-sample differences: one lucky noise is not enough."""
+    from fastsampler.tuning.s3 import _Candidate, _choose
+
+    def cand(*losses: float) -> _Candidate:
+        per_sample = torch.tensor(losses, dtype=torch.float64)
+        return _Candidate(None, float(per_sample.mean()), per_sample, {})
+
+    base = cand(1.0, 1.0, 1.0, 1.0)
+    learned = cand(0.5, 0.5, 0.5, 0.5)
+    lucky = cand(0.5, 0.5, 0.5, 0.1)  # lower mean, from one sample only
+    clear = cand(0.3, 0.31, 0.29, 0.32)
+    assert _choose({"baseline": base, "learned time points": learned, "searched #3": lucky},
+                   "learned time points") == "learned time points"
+    assert _choose({"baseline": base, "learned time points": learned, "searched #3": lucky, "refined #3": clear},
+                   "learned time points") == "refined #3"
+    worse = cand(0.6, 0.6, 0.6, 0.6)
+    assert _choose({"baseline": base, "learned time points": learned, "searched #1": worse},
+                   "learned time points") == "learned time points"
 
 
 def _worker(rank: int, world: int, port: int, folder: str) -> None:

@@ -34,11 +34,19 @@ class Holdout:
     def loss(self, plan: Plan) -> float:
         """``scorer`` of ``plan``'s samples from the held-out noises, or their mean squared error against the
         teacher (inf if not finite)."""
+        if self.scorer is None:
+            return float(self.per_sample(plan).mean())  # ok-sync: tuning, host side
+        final = self._run(plan)
+        return float(self.scorer(final)) if torch.isfinite(final).all() else math.inf
+
+    def per_sample(self, plan: Plan) -> torch.Tensor:
+        """(B,) each held-out sample's mean squared error against the teacher (inf where not finite)."""
+        final = self._run(plan)
+        mse = (final.double() - self.target.double()).pow(2).flatten(1).mean(1)
+        return torch.where(torch.isfinite(mse), mse, torch.full_like(mse, math.inf))
+
+    def _run(self, plan: Plan) -> torch.Tensor:
         with torch.no_grad():
             final, _ = run(plan, self.model, self.noise)
         self.evaluations += plan.num_steps
-        if not torch.isfinite(final).all():
-            return math.inf
-        if self.scorer is not None:
-            return float(self.scorer(final))
-        return float((final.double() - self.target.double()).pow(2).mean())  # ok-sync: tuning, host side
+        return final

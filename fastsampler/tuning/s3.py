@@ -20,9 +20,11 @@ The search contains its subsets (the time-points-only space and the scheduler's 
 the scheduler's time points are learned by gradient (``fastsampler.tuning.timesteps``, same validation) and their
 grid joins the space as a third grid choice ("learned"); the study is seeded with the scheduler's own solver on its
 own grid and on the learned one. After the discrete search the ``refine_top`` best candidates have their time
-points refined by the same gradient search. The plan returned is the best on validation among the scheduler's own
-plan, the learned-time-point plan, the ``validate_top`` best candidates and the refined ones, so by construction it
-is never worse on validation than the base or than ``method="timesteps"`` from the same start. Validation: the
+points refined by the same gradient search. The plan returned is the learned-time-point plan (the base unless
+better on validation), replaced by the best on validation of the ``validate_top`` best candidates and the refined
+ones only where that one beats it by more than one standard error of the per-sample differences (the best of many
+candidates on a few validation noises is optimistic). By construction it is never worse on validation than the
+base or than ``method="timesteps"`` from the same start. Validation: the
 held-out noises when given, else the last ``validation_fraction`` of the fitting batch, held inside it (the
 candidates are ranked on the rest); a search by a user ``scorer`` without held-out noises scores the whole batch
 (a small-sample FID of a quarter of the batch would only add noise) and has no validation.
@@ -111,7 +113,7 @@ class S3Report:
     validation_base: float = math.nan  # the scheduler's own plan on validation (in-batch or held-out)
     validation_timesteps: float = math.nan  # the learned-time-point plan there (the time-points-only subset)
     validation_best: float = math.nan  # the returned plan there
-    chosen: str = "baseline"  # baseline | learned time points | searched | refined
+    chosen: str = "baseline"  # baseline | learned time points | searched #<trial> | refined #<trial>
     candidates: dict[str, float] = field(default_factory=dict)  # every plan compared on validation, by name
 
 
@@ -258,6 +260,7 @@ class _Evaluator:
         self.validation, self.learned = validation, learned
         self.evaluations = 0
         self.last_validation = math.nan
+        self.last_held: torch.Tensor | None = None  # the held rows' per-sample losses of the last score
 
     def plan(self, schedule: USFSchedule, grid: GridChoice) -> Plan:
         s = self.scheduler
@@ -271,7 +274,7 @@ class _Evaluator:
         for i in range(plan.num_steps):
             state = advance(plan, state, self.model(state.x, float(plan.timesteps[i])))
         self.evaluations += plan.num_steps
-        self.last_validation = math.nan
+        self.last_validation, self.last_held = math.nan, None
         if not torch.isfinite(state.x).all():
             self.last_validation = math.inf
             return math.inf
@@ -281,6 +284,7 @@ class _Evaluator:
         if self.validation is None or self.validation.holdout is not None:
             return float(per_sample.mean())  # ok-sync: tuning, host side
         self.last_validation = self.validation.loss(per_sample, lambda: plan)
+        self.last_held = per_sample[self.validation.held]
         return float(per_sample[self.validation.fit].mean())  # ok-sync: tuning, host side
 
 
@@ -353,18 +357,18 @@ def search_schedule(scheduler, model: Callable, noise: torch.Tensor, target: tor
                                    progress, spent_outside)
     evaluator = _Evaluator(scheduler, model, noise, target, scorer, validation, learned)
     report.baseline_score = evaluator.score(baseline)
-    candidates: dict[str, tuple[Plan, float, dict]] = {}  # name → plan, validation loss, description
+    candidates: dict[str, _Candidate] = {}
 
-    def compare(name: str, plan: Plan, loss: float, described: dict) -> None:
-        candidates[name] = (plan, loss, described)
-        report.candidates[name] = loss
+    def compare(name: str, plan: Plan, described: dict) -> None:
+        candidates[name] = _Candidate(plan, *_validate(evaluator, plan, holdout), described)
+        report.candidates[name] = candidates[name].loss
 
     if validation is not None:
-        compare("baseline", baseline, _validate(evaluator, baseline, holdout), {"baseline": True})
+        compare("baseline", baseline, {"baseline": True})
         report.validation_base = report.candidates["baseline"]
     if learned is not None:
-        report.validation_timesteps = _validate(evaluator, learned, holdout)
-        compare("learned time points", learned, report.validation_timesteps, {"learned_time_points": True})
+        compare("learned time points", learned, {"learned_time_points": True})
+        report.validation_timesteps = report.candidates["learned time points"]
     study = _study(storage, study_name or
                    f"s3-{n}-{study_key(baseline, model, noise, target, search, scorer, learned)}")
     session = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
@@ -428,19 +432,16 @@ def search_schedule(scheduler, model: Callable, noise: torch.Tensor, target: tor
                 seen.add(cand_plan.fingerprint())
                 distinct.append((t, cand_plan, described))
         for t, cand_plan, described in distinct:
-            loss = t.user_attrs.get("validation") if holdout is None else None
-            compare(f"searched #{t.number}", cand_plan, _validate(evaluator, cand_plan, holdout) if loss is None
-                    else loss, described)
+            compare(f"searched #{t.number}", cand_plan, described)
         for t, cand_plan, described in distinct[:search.refine_top] if n >= 2 else []:
             refined = _fit_time_points(_holding(scheduler, cand_plan, described), model, noise, target, search,
                                        holdout, _side_path(storage, f"refine-{t.number}"), progress, spent_outside)
             if refined.fingerprint() != cand_plan.fingerprint():
                 refined = dataclasses.replace(refined, meta={**refined.meta, "tuned": "s3"})
-                compare(f"refined #{t.number}", refined, _validate(evaluator, refined, holdout),
-                        {**described, "refined_time_points": True})
-        name = min(candidates, key=lambda k: (candidates[k][1], k != "baseline"))  # ties keep the simpler
-        plan, loss, report.best = candidates[name]
-        report.chosen = name.split(" #")[0]
+                compare(f"refined #{t.number}", refined, {**described, "refined_time_points": True})
+        name = _choose(candidates, "learned time points" if learned is not None else "baseline")
+        plan, loss, report.best = candidates[name].plan, candidates[name].loss, candidates[name].described
+        report.chosen = name
         report.validation_best = loss
         if plan is not baseline:
             report.best_score = evaluator.score(plan)
@@ -521,12 +522,45 @@ def _side_path(storage: str | Path | None, name: str) -> Path | None:
     return None if storage is None else Path(f"{storage}.{name}.json")
 
 
-def _validate(evaluator: _Evaluator, plan: Plan, holdout: Holdout | None) -> float:
-    """``plan``'s validation loss: on the held-out noises, else on the batch's held rows."""
+@dataclass
+class _Candidate:
+    plan: Plan
+    loss: float  # on validation
+    per_sample: torch.Tensor | None  # each validation sample's loss (None for a scorer's)
+    described: dict
+
+
+def _validate(evaluator: _Evaluator, plan: Plan, holdout: Holdout | None) -> tuple[float, torch.Tensor | None]:
+    """``plan``'s validation loss and per-sample losses: on the held-out noises, else on the batch's held rows."""
     if holdout is not None:
-        return holdout.loss(plan)
+        if holdout.scorer is not None:
+            return holdout.loss(plan), None
+        per_sample = holdout.per_sample(plan)
+        return float(per_sample.mean()), per_sample  # ok-sync: tuning, host side
     evaluator.score(plan)
-    return evaluator.last_validation
+    return evaluator.last_validation, evaluator.last_held
+
+
+def _choose(candidates: dict[str, _Candidate], incumbent: str) -> str:
+    """The incumbent (the learned-time-point plan, which is the base unless better on validation), or the searched
+    / refined candidate with the lowest validation loss if it beats the incumbent there by more than one standard
+    error of their per-sample differences. Many discrete candidates compared on a few validation noises: the best
+    of them is optimistic, and under strong guidance a rare noise that one candidate sends to another mode
+    dominates the mean; a gain within the noise of the comparison keeps the simpler plan."""
+    others = [k for k in candidates if k not in ("baseline", "learned time points")]
+    if not others:
+        return incumbent
+    best, held = min(others, key=lambda k: candidates[k].loss), candidates[incumbent]
+    challenger = candidates[best]
+    if not challenger.loss < held.loss:
+        return incumbent
+    if challenger.per_sample is None or held.per_sample is None:
+        return best
+    gain = held.per_sample - challenger.per_sample
+    if not torch.isfinite(gain).all() or gain.numel() < 2:
+        return best
+    standard_error = float(gain.std() / math.sqrt(gain.numel()))  # ok-sync: tuning, host side
+    return best if float(gain.mean()) > standard_error else incumbent  # ok-sync: tuning, host side
 
 
 def _holding(scheduler, plan: Plan, described: dict):
