@@ -4,7 +4,7 @@ On the embedded digits DDPM, DC ratios are fitted at ``--nfe`` on ``--fit`` nois
 testing one suspect, and every sampler runs from ``--eval`` other noises. Per sampler: the RMSE against the ODE
 solution from the same noise (DPM-Solver++ 3M, ``--ode-steps`` steps: the "error"), the pixel Fréchet distance
 of its samples to the ODE's own samples (how far the distribution moved from the ODE's) and to the digits test
-split (359 images), the mean per-pixel standard deviation across samples (spread: a sampler that blurs towards
+split (359 images) — both on the digits' native 8×8 grid —, the mean per-pixel standard deviation across samples (spread: a sampler that blurs towards
 the mean lowers it), and the fitted ratios.
 
 Variants: ``dc`` (tune's defaults: gradient search, bounds 0.3–1.7, per-step objective, in-batch validation),
@@ -12,7 +12,7 @@ Variants: ``dc`` (tune's defaults: gradient search, bounds 0.3–1.7, per-step o
 ratios?), ``dc-final`` (the final sample as each step's objective), ``dc-teacher500`` (a 500-step teacher: the
 teacher?).
 
-    python benchmarks/dc_frechet.py [--nfe 10] [--fit 64] [--eval 1000] [--ode-steps 500]
+    python benchmarks/dc_frechet.py [--variant eps|v] [--nfe 10] [--fit 64] [--eval 1000] [--ode-steps 500]
 
 Writes ``benchmarks/results/dc_frechet.{json,md}`` with the machine and the date.
 """
@@ -37,8 +37,11 @@ VARIANTS = {"dc": ({}, 1, None), "dc-256": ({}, 4, None), "dc-bounds0.8-1.2": ({
 
 
 def frechet(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Fréchet distance between Gaussians fitted to the flattened pixels of two image sets."""
-    x, y = a.flatten(1).double().numpy(), b.flatten(1).double().numpy()
+    """Fréchet distance between Gaussians fitted to the pixels of two image sets, on the digits' native 8×8 grid
+    (2×2 means: the 16×16 images are bilinear upsamplings of 8×8 digits, so the data's 256-pixel covariance is
+    singular)."""
+    pool = torch.nn.functional.avg_pool2d
+    x, y = pool(a.detach().double(), 2).flatten(1).numpy(), pool(b.detach().double(), 2).flatten(1).numpy()
     mu_x, mu_y = x.mean(0), y.mean(0)
     cov_x, cov_y = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
     root = linalg.sqrtm(cov_x @ cov_y).real
@@ -56,6 +59,7 @@ def sample(scheduler, model, noise: torch.Tensor, n: int) -> torch.Tensor:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nfe", type=int, default=10)
+    parser.add_argument("--variant", default="eps", choices=["eps", "v"], help="the digits DDPM's prediction type")
     parser.add_argument("--fit", type=int, default=64)
     parser.add_argument("--eval", type=int, default=1000)
     parser.add_argument("--ode-steps", type=int, default=500)
@@ -65,17 +69,19 @@ def main(argv: list[str] | None = None) -> int:
 
     import fastsampler
     from fastsampler.eval.digits import digits_dataset, load_digits_pipeline
+    from fastsampler.tuning.api import default_cache_dir
     from fastsampler.tuning.model import from_pipeline
     from fastsampler.tuning.teacher import TeacherSpec, teacher_trajectories
 
-    pipe = load_digits_pipeline()
+    pipe = load_digits_pipeline(args.variant)
     pipe.unet.requires_grad_(False)  # only DC's ratios are fitted
     shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
     held = torch.randn(args.eval, *shape, generator=torch.Generator().manual_seed(1))
     held_model = from_pipeline(pipe, args.eval)
     base = fastsampler.UniPCScheduler.from_config(pipe.scheduler.config)
     base.set_timesteps(args.nfe)
-    ode = teacher_trajectories(base, held_model, held, TeacherSpec(steps=args.ode_steps), None, progress=False)[-1]
+    ode = teacher_trajectories(base, held_model, held, TeacherSpec(steps=args.ode_steps), default_cache_dir(),
+                               progress=False)[-1]  # cached: the ODE solve is most of the cost
     data = digits_dataset("test")
 
     def measure(samples: torch.Tensor) -> dict:
@@ -101,12 +107,13 @@ def main(argv: list[str] | None = None) -> int:
                       "kept_plain": entry.get("kept_plain", False), "seconds": seconds}
         print(name, json.dumps(rows[name]), flush=True)
     stamp = run_stamp()
-    result = {**stamp, "nfe": args.nfe, "fit": args.fit, "eval": args.eval, "ode_steps": args.ode_steps,
+    result = {**stamp, "variant": args.variant, "nfe": args.nfe, "fit": args.fit, "eval": args.eval, "ode_steps": args.ode_steps,
               "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"dc_frechet_nfe{args.nfe}.json").write_text(json.dumps(result, indent=1) + "\n")
-    lines = [f"# DC ratios vs the distribution, digits DDPM, NFE {args.nfe} ({stamp['date']}, {stamp['machine']})",
-             "", f"`python benchmarks/dc_frechet.py --nfe {args.nfe}`: {args.eval} held-out noises; "
+    (args.out / f"dc_frechet_{args.variant}_nfe{args.nfe}.json").write_text(json.dumps(result, indent=1) + "\n")
+    lines = [f"# DC ratios vs the distribution, digits DDPM ({args.variant}), NFE {args.nfe} ({stamp['date']}, {stamp['machine']})",
+             "", f"`python benchmarks/dc_frechet.py --variant {args.variant} --nfe {args.nfe} --eval {args.eval} "
+             f"--ode-steps {args.ode_steps}`: {args.eval} held-out noises; "
              f"ODE = DPM-Solver++ 3M with {args.ode_steps} steps; FD = pixel Fréchet distance.", "",
              "| sampler | RMSE vs ODE | FD to ODE samples | FD to test digits | pixel spread | ratios |",
              "|---|---|---|---|---|---|"]
@@ -114,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         ratios = " ".join(f"{v:.2f}" for v in r.get("ratios", [])) + (" (kept plain)" if r.get("kept_plain") else "")
         lines.append(f"| {name} | {r['rmse']:.4f} | {r['fd_ode']:.4f} | {r['fd_data']:.4f} | {r['spread']:.4f} | "
                      f"{ratios} |")
-    (args.out / f"dc_frechet_nfe{args.nfe}.md").write_text("\n".join(lines) + "\n")
+    (args.out / f"dc_frechet_{args.variant}_nfe{args.nfe}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
