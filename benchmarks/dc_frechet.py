@@ -4,7 +4,8 @@ On the embedded digits DDPM, DC ratios are fitted at ``--nfe`` on ``--fit`` nois
 testing one suspect, and every sampler runs from ``--eval`` other noises. Per sampler: the RMSE against the ODE
 solution from the same noise (DPM-Solver++ 3M, ``--ode-steps`` steps: the "error"), the pixel Fréchet distance
 of its samples to the ODE's own samples (how far the distribution moved from the ODE's) and to the digits test
-split (359 images) — both on the digits' native 8×8 grid —, the mean per-pixel standard deviation across samples (spread: a sampler that blurs towards
+split (359 images) — both on the digits' native 8×8 grid —, the mean per-pixel standard deviation across samples
+(spread: a sampler that blurs towards
 the mean lowers it), and the fitted ratios.
 
 Variants: ``dc`` (tune's defaults: gradient search, bounds 0.3–1.7, per-step objective, in-batch validation),
@@ -89,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                 "fd_ode": frechet(samples, ode), "fd_data": frechet(samples, data),
                 "spread": float(samples.double().std(0).mean())}
 
-    rows = {"ODE": {**measure(ode), "rmse": 0.0}, "base (UniPC bh2-2)": measure(sample(base, held_model, held, args.nfe))}
+    rows = {"ODE": {**measure(ode), "rmse": 0.0},
+            "base (UniPC bh2-2)": measure(sample(base, held_model, held, args.nfe))}
     import diffusers
 
     for name in ("DPM++ 2M", "DEIS 3", "UniPC bh2-3"):
@@ -107,14 +109,16 @@ def main(argv: list[str] | None = None) -> int:
                       "kept_plain": entry.get("kept_plain", False), "seconds": seconds}
         print(name, json.dumps(rows[name]), flush=True)
     stamp = run_stamp()
-    result = {**stamp, "variant": args.variant, "nfe": args.nfe, "fit": args.fit, "eval": args.eval, "ode_steps": args.ode_steps,
-              "rows": rows}
+    result = {**stamp, "variant": args.variant, "nfe": args.nfe, "fit": args.fit, "eval": args.eval,
+              "ode_steps": args.ode_steps, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"dc_frechet_{args.variant}_nfe{args.nfe}.json").write_text(json.dumps(result, indent=1) + "\n")
-    lines = [f"# DC ratios vs the distribution, digits DDPM ({args.variant}), NFE {args.nfe} ({stamp['date']}, {stamp['machine']})",
+    lines = [f"# DC ratios vs the distribution, digits DDPM ({args.variant}), NFE {args.nfe} "
+             f"({stamp['date']}, {stamp['machine']})",
              "", f"`python benchmarks/dc_frechet.py --variant {args.variant} --nfe {args.nfe} --eval {args.eval} "
              f"--ode-steps {args.ode_steps}`: {args.eval} held-out noises; "
-             f"ODE = DPM-Solver++ 3M with {args.ode_steps} steps; FD = pixel Fréchet distance on the digits' native 8×8 grid.", "",
+             f"ODE = DPM-Solver++ 3M with {args.ode_steps} steps; FD = pixel Fréchet distance on the digits' "
+             "native 8×8 grid.", "",
              "| sampler | RMSE vs ODE | FD to ODE samples | FD to test digits | pixel spread | ratios |",
              "|---|---|---|---|---|---|"]
     for name, r in rows.items():

@@ -458,7 +458,8 @@ def search_schedule(scheduler, model: Callable, noise: torch.Tensor, target: tor
     return plan, report
 
 
-def _run_rounds(study, search: S3Search, n: int, learned_grid: bool, ask, evaluate, spent, report: S3Report, progress: bool) -> None:
+def _run_rounds(study, search: S3Search, n: int, learned_grid: bool, ask, evaluate, spent, report: S3Report,
+                progress: bool) -> None:
     """The predictor-screened search until the budget is spent: warm-up candidates, then rounds of
     ``round_size`` proposals of which the forest lets ``keep`` be evaluated."""
     from optuna.trial import TrialState
