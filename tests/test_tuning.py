@@ -321,6 +321,31 @@ def test_unet_denoiser_guidance_and_pipeline_adapter():
     assert adapter.cache_key() != UNetDenoiser(pipe.unet, labels, 2.0).cache_key()
 
 
+def test_a_conditioned_adapter_passed_to_tune_keeps_its_conditions():
+    """``tune(model=UNetDenoiser(unet, labels, w))`` is a model callable, not a pipeline (it holds a ``unet`` too):
+    its labels and guidance reach the teacher — it used to be rebuilt as an unconditioned pipeline's denoiser."""
+    from fastsampler.eval.digits import load_digits_cond_pipeline
+    from fastsampler.tuning.api import is_pipeline
+
+    pipe = load_digits_cond_pipeline()
+    model = from_pipeline(pipe, 4, class_labels=[0, 1, 2, 3], guidance_scale=3.0)
+    assert is_pipeline(pipe) and not is_pipeline(model)
+    s = UniPCScheduler.from_config(pipe.scheduler.config)
+    noise = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    tuned = fastsampler.tune(s, model, noise, 3, method="dc", search="scan", iters=2, teacher="dpmsolver++3:6",
+                             cache_dir=None, progress=False, teacher_check=False, validation_fraction=0.5)
+    entry = tuned.tuning_report["steps"][3]
+    s.set_timesteps(3)
+    expected = teacher_trajectories(s, model, noise, TeacherSpec("dpmsolver++3", 6), progress=False)[-1]
+    from fastsampler.tuning.runner import run
+
+    with torch.no_grad():
+        plain = run(s.plan, model, noise)[0]
+    fit = slice(0, 2)  # validation_fraction=0.5: the ratios are fitted on the first half
+    assert entry["final_loss_plain"] == pytest.approx(
+        float((plain[fit].double() - expected[fit].double()).pow(2).mean()), rel=1e-6)
+
+
 @pytest.mark.slow
 def test_cli_tune_writes_a_loadable_scheduler_folder(tmp_path):
     from fastsampler.eval.digits import pipeline_dir

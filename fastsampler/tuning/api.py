@@ -46,8 +46,16 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("FASTSAMPLER_CACHE", Path.home() / ".cache" / "fastsampler"))
 
 
+def is_pipeline(model: Any) -> bool:
+    """A diffusers pipeline (its components registered), as opposed to a ``model(x, t)`` callable — our own
+    adapters (``UNetDenoiser`` …) also hold a ``unet`` but carry their conditions, which must not be rebuilt."""
+    from diffusers import DiffusionPipeline
+
+    return isinstance(model, DiffusionPipeline)
+
+
 def _model(model: Any, batch: int, prompt, negative_prompt, guidance_scale, class_labels) -> Callable:
-    if hasattr(model, "unet") or hasattr(model, "transformer"):  # a pipeline
+    if is_pipeline(model):
         return from_pipeline(model, batch, prompt=prompt, negative_prompt=negative_prompt,
                              guidance_scale=guidance_scale, class_labels=class_labels)
     if prompt is not None or class_labels is not None:
