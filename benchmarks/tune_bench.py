@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -175,6 +176,13 @@ def markdown(results: list[dict], stamp: dict) -> str:
             cells.append(f"{(entry['error'] / best) ** 0.5:.2f}{vs} ({entry['seconds']:.0f} s)")
         lines.append(f"| {r['case']} | {r['nfe']} | {r['best_built_in']} | {(r['base'] / best) ** 0.5:.2f} | "
                      + " | ".join(cells) + " |")
+    complete = [r for r in results if all(m in r["methods"] for m in methods)]
+    if complete:  # what chooses tune's default method
+        means = {m: math.exp(sum(math.log(r["methods"][m]["error"] / r["built_in"][r["best_built_in"]])
+                                 for r in complete) / (2 * len(complete))) for m in methods}
+        lines += ["", f"Geometric mean of the RMSE ratios to the best built-in over the {len(complete)} cells every "
+                  "method has: " + ", ".join(f"{m} {v:.3f}" for m, v in sorted(means.items(), key=lambda kv: kv[1]))
+                  + "."]
     fid_rows = [r for r in sorted(results, key=lambda r: (r["case"], r["nfe"])) if "fid" in r]
     if fid_rows:
         lines += ["", f"FID against the digits **test** split (359 images; digits-CNN features) of samples from fresh "

@@ -24,8 +24,9 @@ def assets(name: str):
     return str(asset(name))
 
 
-def tune(scheduler, model, noise, num_inference_steps, method: str = "dc", **options):
-    """Fit ``scheduler`` to ``model`` (``fastsampler.tuning.api.tune``; imported on first use)."""
+def tune(scheduler, model, noise, num_inference_steps, method: str | None = None, **options):
+    """Fit ``scheduler`` to ``model`` (``fastsampler.tuning.api.tune``; imported on first use). ``method`` defaults
+    to ``fastsampler.tuning.DEFAULT_METHOD`` (``"coefficients"``)."""
     from fastsampler.tuning.api import tune as _tune
 
     return _tune(scheduler, model, noise, num_inference_steps, method, **options)

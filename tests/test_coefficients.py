@@ -171,6 +171,22 @@ def test_tune_coefficients_saves_and_loads_in_a_pipeline(tmp_path):
     assert (images[0] == images[1]).all()
 
 
+def test_coefficients_is_tunes_default_method():
+    """``fastsampler.tune`` without ``method`` learns coefficients (the best method of benchmarks/tune_bench.py);
+    the CLI's ``--method`` defaults to the same."""
+    from click.testing import CliRunner
+
+    from fastsampler.cli import main
+    from fastsampler.tuning import DEFAULT_METHOD
+
+    s = UniPCScheduler(**SD)
+    model, noise = mixture(s.config, 8, 3)
+    tuned = fastsampler.tune(s, model, noise, 4, cache_dir=None, progress=False, teacher_check=False, iters=2,
+                             init="base")
+    assert DEFAULT_METHOD == "coefficients" == tuned.tuning_report["method"]
+    assert "[default: coefficients]" in CliRunner().invoke(main, ["tune", "--help"]).output
+
+
 def test_bad_options_are_named():
     s = UniPCScheduler(**SD)
     model, noise = mixture(s.config, 4, 1)

@@ -201,7 +201,7 @@ def test_tune_save_load_in_a_real_pipeline(tmp_path):
     noise = torch.randn(4, *pipe.unet.config.sample_size if isinstance(pipe.unet.config.sample_size, tuple) else
                         (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size),
                         generator=torch.Generator().manual_seed(0))
-    tuned = fastsampler.tune(UniPCScheduler.from_config(pipe.scheduler.config), pipe, noise, 5,
+    tuned = fastsampler.tune(UniPCScheduler.from_config(pipe.scheduler.config), pipe, noise, 5, method="dc",
                              teacher=TeacherSpec(steps=30), cache_dir=tmp_path / "cache", progress=False,
                              search="scan", iters=4)
     assert set(tuned.plans) == {5}
@@ -221,8 +221,8 @@ def test_tune_reports_held_out_noise_and_refuses_bad_input():
     model = _guided_model(s.config, batch=8)
     noise = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     held = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
-    tuned = fastsampler.tune(s, model, noise, 5, teacher="dpmsolver++3:40", validation_noise=held, cache_dir=None,
-                             progress=False, search="scan", iters=5)
+    tuned = fastsampler.tune(s, model, noise, 5, "dc", teacher="dpmsolver++3:40", validation_noise=held,
+                             cache_dir=None, progress=False, search="scan", iters=5)
     entry = tuned.tuning_report["steps"][5]
     assert {"validation_loss_plain", "validation_loss_tuned"} <= set(entry)
     assert tuned.num_inference_steps == 5 and type(tuned) is UniPCScheduler

@@ -1,6 +1,6 @@
 """``fastsampler.tune``: fit a scheduler to the user's model and step budget; returns a scheduler that runs it.
 
-    tuned = fastsampler.tune(scheduler, model, noise, num_inference_steps, method="dc", **options)
+    tuned = fastsampler.tune(scheduler, model, noise, num_inference_steps, method="coefficients", **options)
     tuned.save_pretrained("my_scheduler")       # pipe.scheduler = UniPCScheduler.from_pretrained("my_scheduler")
 
 ``scheduler``: one of ours, configured for the model (``from_config(pipe.scheduler.config)``). ``model``: a callable
@@ -34,6 +34,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from fastsampler.eval.distributed import DistContext, distributed_context
+from fastsampler.tuning import DEFAULT_METHOD
 from fastsampler.tuning.dc import DCSearch, dc_plan, final_loss as dc_final_loss, search_ratios
 from fastsampler.tuning.holdout import Holdout
 from fastsampler.tuning.model import from_pipeline
@@ -237,7 +238,8 @@ def _result_class(scheduler, method: str) -> type:
     return type(scheduler)
 
 
-def tune(scheduler, model, noise: torch.Tensor, num_inference_steps: int | Sequence[int], method: str = "dc", *,
+def tune(scheduler, model, noise: torch.Tensor, num_inference_steps: int | Sequence[int],
+         method: str | None = None, *,
          prompt: str | Sequence[str] | None = None, negative_prompt: str | Sequence[str] | None = None,
          guidance_scale: float | None = None, class_labels: Sequence[int] | torch.Tensor | None = None,
          teacher: TeacherSpec | dict | str | None = None, validation_noise: torch.Tensor | None = None,
@@ -246,7 +248,8 @@ def tune(scheduler, model, noise: torch.Tensor, num_inference_steps: int | Seque
          progress: bool = True, dist: DistContext | None = None, teacher_check: bool = True, **options: Any):
     """Fit ``scheduler`` to ``model`` at each ``num_inference_steps``; returns a new scheduler of the same class.
 
-    ``method="dc"`` options: ``search`` ("gradient" | "scan"), ``iters``, ``lr``, ``weight_decay``, ``bounds``,
+    ``method`` None: ``fastsampler.tuning.DEFAULT_METHOD`` (``"coefficients"``, the best of
+    ``benchmarks/tune_bench.py``).     ``method="dc"`` options: ``search`` ("gradient" | "scan"), ``iters``, ``lr``, ``weight_decay``, ``bounds``,
     ``dc_order``, ``objective`` ("next" | "final") (``fastsampler.tuning.dc.DCSearch``), ``validation_fraction``
     (without ``validation_noise``, the ratios are fitted on the rest of the batch and kept only if better on it). ``method="timesteps"``: ``iters``, ``lr``, ``fd_step``
     (``fastsampler.tuning.timesteps.TimestepSearch``); with ``search="nelder-mead"`` the baseline every method must
@@ -267,6 +270,7 @@ def tune(scheduler, model, noise: torch.Tensor, num_inference_steps: int | Seque
     batch needs ``validation_model``, the same model conditioned for the held-out batch (a pipeline is adapted to
     either batch by itself).
     """
+    method = DEFAULT_METHOD if method is None else method
     if method not in _METHODS:
         raise ValueError(f"`method` must be one of {tuple(_METHODS)}, got {method!r}")
     fit, allowed = _METHODS[method]

@@ -1,6 +1,6 @@
 """`fastsampler tune`: fit a scheduler to a local diffusers pipeline and write a scheduler folder.
 
-    fastsampler tune --pipeline DIR --method dc|s3|timesteps --steps 5,6,8 [--guidance-scale 7.5] [--prompts FILE]
+    fastsampler tune --pipeline DIR --method coefficients|dc|s3|timesteps --steps 5,6,8 [--guidance-scale 7.5] [--prompts FILE]
                      [--validation-samples 64] [--fid-reference REF] --out DIR
 
 With one guidance scale, ``--out`` is a scheduler folder (``pipe.scheduler = UniPCScheduler.from_pretrained(DIR)``)
@@ -26,6 +26,7 @@ import torch
 
 from fastsampler import progress as progress_bars
 from fastsampler.eval.spec import parse_scheduler
+from fastsampler.tuning import DEFAULT_METHOD
 
 
 def _method_options(method: str, search: str, iters: int | None, lr: float | None, budget: int | None,
@@ -104,7 +105,8 @@ def _noise(pipe, num: int, seed: int, device: str) -> torch.Tensor:
 
 @click.command("tune")
 @click.option("--pipeline", "pipeline_dir", required=True, help="Local diffusers pipeline folder.")
-@click.option("--method", type=click.Choice(["dc", "s3", "timesteps", "coefficients"]), default="dc", show_default=True)
+@click.option("--method", type=click.Choice(["dc", "s3", "timesteps", "coefficients"]), default=DEFAULT_METHOD,
+              show_default=True)
 @click.option("--steps", required=True, help="Comma-separated step counts, e.g. 5,6,8.")
 @click.option("--guidance-scale", default=None, help="Guidance scale(s), comma-separated (class- or text-conditional).")
 @click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False), default=None,
