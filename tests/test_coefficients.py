@@ -8,8 +8,10 @@ import torch
 
 import fastsampler
 from fastsampler import DEISScheduler, DPMSolverPlusPlusScheduler, UniPCScheduler
+from fastsampler.plans.format import src_slot
 from fastsampler.tuning.coefficients import (CoefficientSearch, Parametrisation, consistent_sources, exact_output,
-                                             learn_coefficients, sample)
+                                             learn_coefficients, sample, used_rows)
+from fastsampler.tuning.support import alive_sources, widen
 from fastsampler.tuning.holdout import Holdout
 from fastsampler.tuning.runner import advance, run, start
 from fastsampler.tuning.teacher import TeacherSpec, teacher_trajectories
@@ -55,24 +57,40 @@ def test_iteration_zero_is_the_base_scheduler(learn_timesteps):
 @pytest.mark.parametrize("make", [lambda: UniPCScheduler(**SD), lambda: DPMSolverPlusPlusScheduler(**SD, solver_order=3),
                                   lambda: DEISScheduler(**SD), lambda: UniPCScheduler(**FLOW),
                                   lambda: DPMSolverPlusPlusScheduler(**{**SD, "prediction_type": "v_prediction"})])
-def test_the_learned_plan_keeps_first_order_consistency(make):
-    """On an exactly consistent run the tuned plan ends where its base does (x_N = α_N x₀ + σ_N ε); without the
+@pytest.mark.parametrize("mode", ["full", "data"])
+def test_the_learned_plan_keeps_first_order_consistency(make, mode):
+    """On an exactly consistent run the tuned plan ends where its base does (x_N = α_N x₀ + σ_N ε): both
+    components with ``consistency="full"``, the x₀ component with ``"data"`` (the default); without the
     projection the learned corrections break it — so the check can fail."""
     s = make()
-    plan, report, *_ = fitted(s, 5, validation_fraction=0.25, patience=100)
+    plan, report, *_ = fitted(s, 5, validation_fraction=0.25, patience=100, consistency=mode)
     pt = s.config.prediction_type
+    kept = slice(0, 2) if mode == "full" else slice(0, 1)
     expected = consistent_final(s.plan, pt)
     torch.testing.assert_close(expected, torch.tensor([plan.alpha[-1], plan.sigma[-1]], dtype=torch.float64),
                                rtol=1e-9, atol=1e-9)
-    param = Parametrisation(s, CoefficientSearch(learn_timesteps=False))
+    param = Parametrisation(s, CoefficientSearch(learn_timesteps=False, consistency=mode))
     theta = torch.randn(param.support.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     projected = param.materialise(param.initial_u(), 0.1 * theta)
-    torch.testing.assert_close(consistent_final(projected, pt), expected, rtol=1e-9, atol=1e-9)
-    loose = Parametrisation(s, CoefficientSearch(learn_timesteps=False, consistency=False))
-    assert (consistent_final(loose.materialise(loose.initial_u(), 0.1 * theta), pt) - expected).abs().max() > 1e-4
+    torch.testing.assert_close(consistent_final(projected, pt)[kept], expected[kept], rtol=1e-9, atol=1e-9)
+    loose = Parametrisation(s, CoefficientSearch(learn_timesteps=False, consistency="none"))
+    assert (consistent_final(loose.materialise(loose.initial_u(), 0.1 * theta), pt) - expected)[kept].abs().max() > 1e-4
+    if mode == "data":  # the noise part's scale is free: a random correction moves it
+        assert (consistent_final(projected, pt) - expected)[1].abs() > 1e-4
     if not report.kept_base:
         assert report.validation_tuned < report.validation_base
-        torch.testing.assert_close(consistent_final(plan, pt), expected, rtol=1e-8, atol=1e-8)
+        torch.testing.assert_close(consistent_final(plan, pt)[kept], expected[kept], rtol=1e-8, atol=1e-8)
+
+
+def test_consistency_accepts_the_old_booleans_and_names_the_allowed_values():
+    assert CoefficientSearch(consistency=True).consistency == "full"
+    assert CoefficientSearch(consistency=False).consistency == "none"
+    with pytest.raises(ValueError, match="`consistency` must be one of"):
+        CoefficientSearch(consistency="exact")
+    with pytest.raises(ValueError, match="`history` must be"):
+        CoefficientSearch(history=-1)
+    with pytest.raises(ValueError, match="`support` must be one of"):
+        CoefficientSearch(support="all")
 
 
 def test_consistent_sources_follow_the_exact_run():
@@ -116,7 +134,7 @@ def test_a_killed_run_resumes_to_the_same_plan(tmp_path):
     s.set_timesteps(4)
     model, noise = mixture(s.config, 8, 7)
     target = teacher_trajectories(s, model, noise, TeacherSpec(steps=60), None, progress=False)[-1]
-    search = CoefficientSearch(iters=8, patience=50, lr=0.05, init="base")
+    search = CoefficientSearch(iters=8, patience=50, lr=0.05, init="base", consistency="full")
     whole, _ = learn_coefficients(s, model, noise, target, search, progress=False)
 
     class Killed(Exception):
@@ -152,7 +170,7 @@ def test_tune_coefficients_saves_and_loads_in_a_pipeline(tmp_path):
     pipe = DDPMPipeline(unet=unet, scheduler=s)
     noise = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     tuned = fastsampler.tune(s, pipe, noise, 4, method="coefficients", cache_dir=None, progress=False,
-                             teacher="dpmsolver++3:20", iters=6, lr=0.05, patience=50, init="base")
+                             teacher="dpmsolver++3:20", iters=6, lr=0.01, patience=50, init="base")
     entry = tuned.tuning_report["steps"][4]
     assert not entry["kept_base"] and tuned.plans[4].meta["tuned"] == "coefficients"
     assert {"fit_losses", "validation_losses", "iterations", "stopped", "validation_base"} <= set(entry)
@@ -256,3 +274,54 @@ def test_two_processes_learn_the_plan_one_process_learns(tmp_path):
         np.testing.assert_allclose(r["validation"], report.validation_losses, rtol=1e-9)
         np.testing.assert_allclose(np.array(r["coef"]), plan.coef, rtol=1e-8, atol=1e-10)
         assert r["timesteps"] == list(map(float, plan.timesteps))
+
+
+@pytest.mark.parametrize("make", [lambda: UniPCScheduler(**SD), lambda: DPMSolverPlusPlusScheduler(**SD, solver_order=3),
+                                  lambda: DEISScheduler(**SD)])
+def test_a_plan_on_a_longer_history_samples_like_its_own(make):
+    """``widen`` only re-indexes the history ring: the same samples from step 0 and from a later start (img2img),
+    through the scheduler too; and the sources a tuner may correct include every entry the base reads."""
+    s = make()
+    s.set_timesteps(7)
+    model, noise = mixture(s.config, 4, 2)
+    wide = widen(s.plan, 7)
+    assert wide.slots == 7 and widen(s.plan, s.plan.slots) is s.plan
+    for begin in (0, 2):
+        torch.testing.assert_close(run(wide, model, noise, begin=begin)[0], run(s.plan, model, noise, begin=begin)[0],
+                                   rtol=1e-12, atol=1e-12)
+    assert np.all(alive_sources(s.plan)[used_rows(s.plan) != 0.0])
+    own = final_sample(s, model, noise)
+    s.set_plan(wide)
+    torch.testing.assert_close(final_sample(s, model, noise), own, rtol=1e-6, atol=1e-6)
+
+
+def test_the_tuned_plan_reads_every_earlier_prediction():
+    """``history=None`` (default): the tuned plan keeps all N predictions and a learned row reads beyond the base
+    solver's order; ``support="base"`` corrects only the base's non-zero entries."""
+    s = UniPCScheduler(**SD)
+    plan, report, *_ = fitted(s, 5, iters=6, batch=8)
+    assert not report.kept_base and plan.slots == 5 > s.plan.slots
+    last = used_rows(plan)[-1, 1]  # the final step's next-sample row
+    assert np.count_nonzero(last[src_slot(plan.num_registers, 0):]) > np.count_nonzero(
+        used_rows(s.plan)[-1, 1][src_slot(s.plan.num_registers, 0):])
+    narrow = Parametrisation(s, CoefficientSearch(support="base", history=0))
+    assert narrow.start.slots == s.plan.slots and np.array_equal(narrow.support, used_rows(s.plan) != 0.0)
+
+
+def final_sample(scheduler, model, noise) -> torch.Tensor:
+    scheduler.set_timesteps(scheduler.plan.num_steps)
+    x = noise.clone()
+    for t in scheduler.timesteps:
+        x = scheduler.step(model(x, t), t, x).prev_sample
+    return x
+
+
+def test_the_default_history_fits_the_fused_kernel():
+    """A tuned plan's default history ring stays within the slots the fused kernel handles (no silent torch path)."""
+    pytest.importorskip("triton")
+    from fastsampler.kernels.triton_update import MAX_SLOTS
+    from fastsampler.tuning.support import FUSED_SLOTS, history_slots
+
+    s = UniPCScheduler(**SD)
+    s.set_timesteps(12)
+    assert FUSED_SLOTS == MAX_SLOTS and history_slots(None, s.plan) == MAX_SLOTS

@@ -200,7 +200,8 @@ def _tune_coefficients(student, fit_model, noise, reference, n, options: dict, c
 
 
 COEFFICIENT_OPTIONS = ("iters", "lr", "lr_time", "learn_timesteps", "loss", "slack", "patience", "lr_decays",
-                       "validation_fraction", "consistency", "init", "init_evaluations", "fd_step")
+                       "validation_fraction", "consistency", "init", "init_evaluations", "fd_step",
+                       "support", "history")
 
 
 def _tune_s3(student, fit_model, noise, reference, n, options: dict, checkpoint_dir, progress, holdout, ctx):
@@ -256,7 +257,8 @@ def tune(scheduler, model, noise: torch.Tensor, num_inference_steps: int | Seque
     beat, a derivative-free fit of the same time points: ``max_evaluations``, ``validation_fraction``,
     ``initial_step`` (``fastsampler.tuning.nelder_mead.NelderMeadSearch``). ``method="coefficients"``: ``iters``, ``lr``, ``lr_time``,
     ``learn_timesteps``, ``loss`` ("final" | "relaxed"), ``slack``, ``patience``, ``lr_decays``, ``validation_fraction``,
-    ``consistency``, ``init`` ("nelder-mead" | "base"), ``init_evaluations``, ``fd_step``
+    ``consistency`` ("none" | "full" | "data"), ``init`` ("base" | "nelder-mead"), ``init_evaluations``, ``fd_step``,
+    ``support`` ("history" | "base"), ``history`` (slots; None: every earlier prediction, up to 8)
     (``fastsampler.tuning.coefficients.CoefficientSearch``). ``method="s3"``: ``budget_evaluations``, ``budget_seconds``,
     ``warmup``, ``round_size``, ``keep``, ``max_order``, ``search_grid``, ``grid_power_range``, ``seed``,
     ``validate_top``, ``validation_fraction``, ``seed_timesteps``, ``refine_top``, ``storage``, ``scorer``

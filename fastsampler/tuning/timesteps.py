@@ -41,6 +41,7 @@ from fastsampler.tuning.holdout import Holdout
 from fastsampler.tuning.model import search_key
 from fastsampler.tuning.runner import advance, run, start
 from fastsampler.tuning.validation import Validation, check_fraction, per_sample_loss
+from fastsampler.tuning.support import widen
 
 
 MIN_GAIN = 1e-4
@@ -93,10 +94,12 @@ def _rho(lam: np.ndarray, flow: bool) -> np.ndarray:
 
 
 class GridFamily:
-    """The scheduler's grids with the same ends and N − 1 free interior nodes (in λ)."""
+    """The scheduler's grids with the same ends and N − 1 free interior nodes (in λ); its plans on ``slots``
+    history slots (``fastsampler.tuning.support.widen``; 0: the solver's own)."""
 
-    def __init__(self, scheduler):
+    def __init__(self, scheduler, slots: int = 0):
         self.scheduler = scheduler
+        self.slots = slots
         plan = scheduler.plan
         self.flow = plan.flow
         self.n = plan.num_steps
@@ -132,7 +135,7 @@ class GridFamily:
         builder, transforms = self.scheduler._build_parts(nodes)
         meta = {"scheduler": type(self.scheduler).__name__, "schedule": self.scheduler._fingerprint(nodes.timesteps),
                 "tuned": "timesteps"}
-        return compile_plan(builder, nodes, self.scheduler.config.prediction_type, transforms, meta)
+        return widen(compile_plan(builder, nodes, self.scheduler.config.prediction_type, transforms, meta), self.slots)
 
 
 def _tables(plan: Plan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
