@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -218,7 +220,7 @@ def test_training_starts_from_the_baseline_and_is_never_worse_than_it_on_validat
     """``init="nelder-mead"``: the search contains the baseline's result (its starting point) and returns the best
     on validation of the scheduler's plan, the baseline's plan and the learned one; a rerun resumes both stages."""
     s = UniPCScheduler(**SD)
-    search = dict(iters=15, patience=50, lr=0.02, init="nelder-mead", init_evaluations=40)
+    search = dict(iters=15, patience=50, lr=0.02, init="nelder-mead", init_evaluations=40, consistency="full")
     plan, report, model, noise, target = fitted(s, 5, batch=16, guidance=7.5, **search)
     start = report.start
     assert start["evaluations"] >= 40 and start["validation_base"] == pytest.approx(report.validation_base)
@@ -325,3 +327,28 @@ def test_the_default_history_fits_the_fused_kernel():
     s = UniPCScheduler(**SD)
     s.set_timesteps(12)
     assert FUSED_SLOTS == MAX_SLOTS and history_slots(None, s.plan) == MAX_SLOTS
+
+
+def test_auto_consistency_refines_the_consistent_fit_and_never_loses_to_it(tmp_path):
+    """``consistency="auto"``: the "full" fit runs first (the same plan as a "full" run alone), the free rows start
+    from it on its grid, and the returned plan's validation is at most the "full" plan's; a rerun resumes both
+    stages from their checkpoints to the same plan."""
+    s = UniPCScheduler(**SD)
+    s.set_timesteps(5)
+    model, noise = mixture(s.config, 16, 3)
+    target = teacher_trajectories(s, model, noise, TeacherSpec(steps=60), None, progress=False)[-1]
+    search = CoefficientSearch(**{**QUICK, "iters": 10})
+    full, full_report = learn_coefficients(s, model, noise, target, replace(search, consistency="full"),
+                                           progress=False)
+    plan, report = learn_coefficients(s, model, noise, target, search, tmp_path / "ck.pt", progress=False)
+    assert report.start["stage"] == "consistent (full)"
+    assert report.start["validation_tuned"] == pytest.approx(full_report.validation_tuned, rel=1e-12)
+    assert report.validation_start == pytest.approx(full_report.validation_tuned, rel=1e-12)
+    assert report.validation_tuned <= full_report.validation_tuned
+    if not report.kept_base:
+        assert list(plan.timesteps) == list(full.timesteps)  # the grid is the "full" fit's
+    if report.kept_start:
+        assert np.array_equal(plan.coef, full.coef)
+    assert (tmp_path / "ck.full.pt").is_file() and (tmp_path / "ck.pt").is_file()
+    again, _ = learn_coefficients(s, model, noise, target, search, tmp_path / "ck.pt", progress=False)
+    np.testing.assert_array_equal(again.coef, plan.coef)

@@ -257,7 +257,7 @@ def tune(scheduler, model, noise: torch.Tensor, num_inference_steps: int | Seque
     beat, a derivative-free fit of the same time points: ``max_evaluations``, ``validation_fraction``,
     ``initial_step`` (``fastsampler.tuning.nelder_mead.NelderMeadSearch``). ``method="coefficients"``: ``iters``, ``lr``, ``lr_time``,
     ``learn_timesteps``, ``loss`` ("final" | "relaxed"), ``slack``, ``patience``, ``lr_decays``, ``validation_fraction``,
-    ``consistency`` ("none" | "full" | "data"), ``init`` ("base" | "nelder-mead"), ``init_evaluations``, ``fd_step``,
+    ``consistency`` ("auto" | "full" | "none" | "data"), ``init`` ("base" | "nelder-mead"), ``init_evaluations``, ``fd_step``,
     ``support`` ("history" | "base"), ``history`` (slots; None: every earlier prediction, up to 8)
     (``fastsampler.tuning.coefficients.CoefficientSearch``). ``method="s3"``: ``budget_evaluations``, ``budget_seconds``,
     ``warmup``, ``round_size``, ``keep``, ``max_order``, ``search_grid``, ``grid_power_range``, ``seed``,
