@@ -1,19 +1,16 @@
 """fastsampler: fast, training-free ODE samplers for diffusion models as drop-in diffusers schedulers."""
 
-from fastsampler.adapters.presets import DCSolverScheduler, DEISScheduler, DPMSolverPlusPlusScheduler, UniPCScheduler
-from fastsampler.adapters.s3 import S3Scheduler
-from fastsampler.adapters.scheduler import NonFiniteModelOutputError, PlanScheduler
-from fastsampler.plans.format import Plan
 from fastsampler import lazy as _lazy
 
 # DiffusionPipeline.from_pretrained(folder) finds the embedded class-conditional digits pipeline once fastsampler is
 # imported; the pipeline stack itself loads only when diffusers asks for the class.
-_lazy.register_pipelines()
+_lazy.register_pipelines_on_import()
 
 
 def __getattr__(name: str):
-    """Subpackages above the schedulers (``eval``, ``tuning``, ``cli``, ``shipped``) and pipeline classes load on
-    first use (PEP 562), so ``import fastsampler`` costs what a scheduler costs."""
+    """The scheduler classes, the subpackages above them (``eval``, ``tuning``, ``cli``, ``shipped``) and pipeline
+    classes load on first use (PEP 562): ``import fastsampler`` imports neither torch nor diffusers, and a
+    scheduler costs what its own modules cost."""
     return _lazy.resolve(__name__, name, _lazy.LAZY_ATTRIBUTES)
 
 

@@ -2,23 +2,33 @@
 
 Two places take such names:
 
-- ``fastsampler`` itself: its subpackages above the schedulers (``eval``, ``tuning``, ``cli``, ``shipped``) and the
-  pipeline class resolve through the package's module ``__getattr__``, which :func:`resolve` implements.
+- ``fastsampler`` itself: its scheduler classes, its subpackages above them (``eval``, ``tuning``, ``cli``,
+  ``shipped``) and the pipeline class resolve through the package's module ``__getattr__``, which :func:`resolve`
+  implements — so ``import fastsampler`` (and the CLI's ``--help``) imports neither torch nor diffusers.
 - ``diffusers``: its generic ``DiffusionPipeline.from_pretrained(folder)`` looks ``model_index.json``'s
   ``_class_name`` up with ``getattr(diffusers, name)``. :func:`register_pipelines` teaches the ``diffusers`` module
   object our pipeline names without importing them: the module's class gets a ``__getattr__`` that imports the
   pipeline's module the first time diffusers (or anyone) asks for it, then caches the class as a plain attribute.
+  :func:`register_pipelines_on_import` does this when diffusers is imported, now or later.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
 import sys
 from types import ModuleType
 from typing import Any
 
 #: attribute of ``fastsampler`` → module it lives in (a module itself when the attribute is the module's last part)
 LAZY_ATTRIBUTES: dict[str, str] = {
+    **{name: "fastsampler.adapters.presets" for name in
+       ("DPMSolverPlusPlusScheduler", "DEISScheduler", "UniPCScheduler", "DCSolverScheduler")},
+    "S3Scheduler": "fastsampler.adapters.s3",
+    "PlanScheduler": "fastsampler.adapters.scheduler",
+    "NonFiniteModelOutputError": "fastsampler.adapters.scheduler",
+    "Plan": "fastsampler.plans.format",
     "eval": "fastsampler.eval",
     "tuning": "fastsampler.tuning",
     "cli": "fastsampler.cli",
@@ -77,3 +87,36 @@ def register_pipelines(module: ModuleType | None = None) -> None:
     if not missing or getattr(type(module), "_fastsampler_lazy_names", None) is not None:
         return
     module.__class__ = _with_lazy_names(module, missing)
+
+
+class _AfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Finds ``name`` with the other finders and runs ``then(module)`` once it has been executed (a post-import
+    hook: the module's own loader does the work)."""
+
+    def __init__(self, name: str, then) -> None:
+        self.name, self.then, self.loader = name, then, None
+
+    def find_spec(self, fullname: str, path=None, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)  # one use; also keeps find_spec below from finding this finder again
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        self.loader, spec.loader = spec.loader, self
+        return spec
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self.loader.exec_module(module)
+        self.then(sys.modules.get(self.name, module))  # diffusers replaces itself by a lazy module while executing
+
+
+def register_pipelines_on_import() -> None:
+    """:func:`register_pipelines` on ``diffusers`` now if it is imported, else right after it is."""
+    if "diffusers" in sys.modules:
+        register_pipelines(sys.modules["diffusers"])
+    elif not any(isinstance(f, _AfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport("diffusers", register_pipelines))

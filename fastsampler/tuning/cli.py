@@ -144,8 +144,8 @@ def tune(pipeline_dir: str, method: str, steps: str, guidance_scale: str | None,
          search: str, iters: int | None, lr: float | None, budget: int | None, budget_seconds: float | None,
          fid_reference: str | None, inception_weights: str | None, validation_samples: int, teacher: str,
          device: str, cache_dir: str | None, out_dir: str, no_progress: bool) -> None:
-    """Fit a fastsampler scheduler to a pipeline's model (DC-Solver ratios, an S3 schedule or learned time points)
-    and write a scheduler folder."""
+    """Fit a fastsampler scheduler to a pipeline's model (solver coefficients and time points, DC-Solver ratios, an
+    S3 schedule or time points alone) and write a scheduler folder."""
     from fastsampler.eval.distributed import distributed_context, select_device
     from fastsampler.tuning.api import default_cache_dir, tune as tune_fn
     from fastsampler.tuning.cpr import fit_cpr, write_cpr_file, write_ratio_file
