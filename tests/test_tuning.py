@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -396,10 +397,33 @@ def test_cli_tune_refuses_options_of_another_method():
     assert result.exit_code != 0 and "--budget" in result.output and "--method dc" in result.output
 
 
+def test_one_name_per_embedded_model_in_every_entry_point():
+    """``digits`` / ``digits-v`` / ``digits-cond`` name the same folder in ``fastsampler.assets``, ``tune
+    --pipeline`` and ``fid --pipeline``; the old names are aliases; a misspelt one gets a suggestion."""
+    import click
+
+    from fastsampler import shipped
+    from fastsampler.eval.fid import embedded_pipeline_dir
+    from fastsampler.tuning.cli import _load_pipeline
+
+    for name, alias in [("digits", "digits-ddpm"), ("digits-v", "digits-ddpm-v"), ("digits-cond", None)]:
+        folder = Path(fastsampler.assets(name))
+        assert (folder / "model_index.json").is_file()
+        assert shipped.pipeline_folder(name) == folder == embedded_pipeline_dir(name)
+        if alias:
+            assert Path(fastsampler.assets(alias)) == shipped.pipeline_folder(alias) == folder
+    pipe = _load_pipeline("digits", "cpu")
+    assert Path(pipe.config._name_or_path) == Path(fastsampler.assets("digits"))
+    with pytest.raises(click.BadParameter, match="did you mean 'digits-cond'"):
+        _load_pipeline("digits-cnd", "cpu")
+    with pytest.raises(ValueError, match="did you mean 'digits-s3'"):
+        fastsampler.assets("digits-s33")
+
+
 def test_shipped_assets_by_name():
     import fastsampler.shipped as shipped
 
-    assert fastsampler.assets("digits-ddpm").endswith("digits_ddpm")
+    assert fastsampler.assets("digits").endswith("digits_ddpm")
     ratios = json.loads(open(fastsampler.assets("digits-dc-ratios")).read())
     assert ratios["format"] == "fastsampler-dc-ratios/1" and {e["num_steps"] for e in ratios["entries"]} == {4, 5, 6, 8, 10}
     with pytest.raises(ValueError, match="unknown asset"):

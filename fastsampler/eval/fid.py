@@ -57,6 +57,9 @@ from torch import nn
 from fastsampler import progress as progress_bars
 from fastsampler.eval.conditions import Conditioning, OptionError, SampleSource, conditioning_for
 from fastsampler.eval.distributed import DistContext, distributed_context, select_device  # noqa: F401
+# the embedded pipelines by the one name every entry point takes: the digits DDPM (ε; the default), its
+# v-prediction twin, and the class-conditional digits model (classifier-free guidance)
+from fastsampler.shipped import EMBEDDED_PIPELINES, canonical  # noqa: F401
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 DIGITS_REFERENCES = ("digits-train", "digits-test", "digits-all")
@@ -437,9 +440,6 @@ def shard_nfe(run_dir: Path) -> int | None:
 # Pipelines and references
 # --------------------------------------------------------------------------------------------------
 
-#: Pipelines shipped with the package, by the name ``--pipeline`` takes: the digits DDPM (ε; the default), its
-#: v-prediction twin, and the class-conditional digits model (classifier-free guidance).
-EMBEDDED_PIPELINES = ("digits", "digits-v", "digits-cond")
 
 
 def embedded_pipeline_dir(name: str) -> Path:
@@ -465,7 +465,7 @@ def load_pipeline(path: str | Path | None):
     ``path``: one of ``EMBEDDED_PIPELINES`` (``None``: ``"digits"``) or a local diffusers pipeline folder
     (unconditional, class-conditional, e.g. a saved ``DigitsConditionalPipeline``, or text-to-image).
     """
-    name = "digits" if path is None else str(path)
+    name = "digits" if path is None else canonical(str(path))
     if name in EMBEDDED_PIPELINES:
         pipe = _load_embedded(name)
     elif not Path(name).is_dir():

@@ -79,9 +79,13 @@ def _load_pipeline(path: str, device: str):
     import fastsampler.eval.cond_pipeline  # noqa: F401  (registers the digits pipeline class)
     from diffusers import DiffusionPipeline
 
-    if not Path(path).is_dir():
-        raise click.BadParameter(f"{path} is not a local pipeline folder", param_hint="--pipeline")
-    return DiffusionPipeline.from_pretrained(path, local_files_only=True).to(device)
+    from fastsampler.shipped import pipeline_folder
+
+    try:
+        folder = pipeline_folder(path)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--pipeline") from None
+    return DiffusionPipeline.from_pretrained(folder, local_files_only=True).to(device)
 
 
 def _scheduler_for(pipe, spec: str):
@@ -104,7 +108,8 @@ def _noise(pipe, num: int, seed: int, device: str) -> torch.Tensor:
 
 
 @click.command("tune")
-@click.option("--pipeline", "pipeline_dir", required=True, help="Local diffusers pipeline folder.")
+@click.option("--pipeline", "pipeline_dir", required=True,
+              help="An embedded pipeline (digits, digits-v, digits-cond) or a local diffusers pipeline folder.")
 @click.option("--method", type=click.Choice(["dc", "s3", "timesteps", "coefficients"]), default=DEFAULT_METHOD,
               show_default=True)
 @click.option("--steps", required=True, help="Comma-separated step counts, e.g. 5,6,8.")
