@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -329,9 +329,10 @@ def test_the_default_history_fits_the_fused_kernel():
     assert FUSED_SLOTS == MAX_SLOTS and history_slots(None, s.plan) == MAX_SLOTS
 
 
-def test_auto_consistency_refines_the_consistent_fit_and_never_loses_to_it(tmp_path):
-    """``consistency="auto"``: the "full" fit runs first (the same plan as a "full" run alone), the free rows start
-    from it on its grid, and the returned plan's validation is at most the "full" plan's; a rerun resumes both
+def test_auto_consistency_contains_the_consistent_fit_and_the_free_fit(tmp_path):
+    """``consistency="auto"``: the "full" fit runs first (the same plan as a "full" run alone); one free fit
+    continues it (its iteration 0 is the "full" plan), another starts from the scheduler's plan (the same as a
+    "none" run alone); the returned plan's validation is at most every one of theirs; a rerun resumes all three
     stages from their checkpoints to the same plan."""
     s = UniPCScheduler(**SD)
     s.set_timesteps(5)
@@ -340,15 +341,20 @@ def test_auto_consistency_refines_the_consistent_fit_and_never_loses_to_it(tmp_p
     search = CoefficientSearch(**{**QUICK, "iters": 10})
     full, full_report = learn_coefficients(s, model, noise, target, replace(search, consistency="full"),
                                            progress=False)
+    _, free_report = learn_coefficients(s, model, noise, target, replace(search, consistency="none"), progress=False)
     plan, report = learn_coefficients(s, model, noise, target, search, tmp_path / "ck.pt", progress=False)
-    assert report.start["stage"] == "consistent (full)"
-    assert report.start["validation_tuned"] == pytest.approx(full_report.validation_tuned, rel=1e-12)
-    assert report.validation_start == pytest.approx(full_report.validation_tuned, rel=1e-12)
+    fits = {report.stage: asdict(report), report.alternative["stage"]: report.alternative}
+    continuing = fits["free rows continuing the consistent fit"]
+    from_base = fits["free rows from the scheduler's plan"]
+    assert continuing["start"]["stage"] == "consistent (full)"
+    assert continuing["start"]["validation_tuned"] == pytest.approx(full_report.validation_tuned, rel=1e-12)
+    # iteration 0 is the "full" fit's best parameters (the in-loop loss: model times not yet rounded to integers)
+    best_full = full_report.validation_losses[full_report.best_iteration]
+    assert continuing["validation_losses"][0] == pytest.approx(best_full, rel=1e-9)
+    assert from_base["validation_tuned"] == pytest.approx(free_report.validation_tuned, rel=1e-12)
+    assert report.validation_tuned == min(continuing["validation_tuned"], from_base["validation_tuned"])
     assert report.validation_tuned <= full_report.validation_tuned
-    if not report.kept_base:
-        assert list(plan.timesteps) == list(full.timesteps)  # the grid is the "full" fit's
-    if report.kept_start:
-        assert np.array_equal(plan.coef, full.coef)
-    assert (tmp_path / "ck.full.pt").is_file() and (tmp_path / "ck.pt").is_file()
+    for name in ("ck.full.pt", "ck.pt", "ck.free.pt"):
+        assert (tmp_path / name).is_file()
     again, _ = learn_coefficients(s, model, noise, target, search, tmp_path / "ck.pt", progress=False)
     np.testing.assert_array_equal(again.coef, plan.coef)
