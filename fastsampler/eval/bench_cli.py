@@ -8,6 +8,7 @@ import click
 import torch
 
 from fastsampler import progress as progress_bars
+from fastsampler.cli_checks import writable_folder
 from fastsampler.eval import bench as bench_lib
 
 
@@ -65,6 +66,7 @@ def bench(preset: str, prediction_type: str | None, guidance_scale: float | None
         return
     if not specs:
         raise click.UsageError(f"no selected solver supports the {preset!r} preset")
+    writable_folder(out_dir)  # before the benchmark, not after it
     began = time.perf_counter()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)

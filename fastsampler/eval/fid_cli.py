@@ -31,6 +31,7 @@ import click
 import torch
 
 from fastsampler import progress as progress_bars
+from fastsampler.cli_checks import check_scheduler_name, writable_folder
 from fastsampler.eval import spec
 from fastsampler.eval.conditions import OptionError, read_prompts
 from fastsampler.eval.fid import (DIGITS_REFERENCES, EMBEDDED_PIPELINES, RunResult, RunSpec, atomic_write_text,
@@ -226,6 +227,11 @@ def fid(pipeline: str, schedulers: tuple[str, ...], steps: tuple[str, ...], kw: 
         no_progress: bool) -> None:
     """Generate NUM_SAMPLES images per (scheduler, steps, guidance scale, seed) in resumable shards and report
     FID vs NFE."""
+    for text in schedulers:  # every argument is checked before any work
+        check_scheduler_name(parse_scheduler(text)[0])
+    writable_folder(out_dir)
+    if results is not None:
+        writable_folder(results.parent, "--results")
     torch.set_num_threads(threads)
     common = parse_kwargs(kw)
     if timestep_spacing != "config":

@@ -25,6 +25,7 @@ import click
 import torch
 
 from fastsampler import progress as progress_bars
+from fastsampler.cli_checks import check_scheduler_name, positive_ints, writable_folder
 from fastsampler.eval.spec import parse_scheduler
 from fastsampler.tuning import DEFAULT_METHOD
 
@@ -37,7 +38,7 @@ def _method_options(method: str, search: str, iters: int | None, lr: float | Non
                "s3": {"--budget", "--budget-seconds"}}
     wrong = sorted(k for k, v in given.items() if v is not None and k not in allowed[method])
     if wrong:
-        raise click.UsageError(f"{', '.join(wrong)} do(es) not apply to --method {method} "
+        raise click.UsageError(f"{', '.join(wrong)} does not apply to --method {method} "
                                f"(it takes {', '.join(sorted(allowed[method]))})")
     if method == "s3":
         options = {"budget_evaluations": budget, "budget_seconds": budget_seconds}
@@ -72,7 +73,11 @@ def _summary(method: str, entry: dict) -> str:
 
 
 def _floats(text: str | None) -> list[float | None]:
-    return [None] if not text else [float(v) for v in text.split(",") if v.strip()]
+    try:
+        return [None] if not text else [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}",
+                                 param_hint="--guidance-scale") from None
 
 
 def _load_pipeline(path: str, device: str):
@@ -116,13 +121,14 @@ def _noise(pipe, num: int, seed: int, device: str) -> torch.Tensor:
 @click.option("--guidance-scale", default=None, help="Guidance scale(s), comma-separated (class- or text-conditional).")
 @click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Text file, one prompt per line (text-to-image pipelines).")
-@click.option("--negative-prompt", default=None)
+@click.option("--negative-prompt", default=None, help="Negative prompt (text-to-image pipelines, with guidance).")
 @click.option("--class-labels", default=None, help="Comma-separated labels (class-conditional); default: balanced.")
 @click.option("--scheduler", "scheduler_spec", default="UniPCScheduler", show_default=True,
               metavar="NAME[:key=value,...]", help="The fastsampler scheduler to tune.")
 @click.option("--num-samples", type=click.IntRange(min=1), default=10, show_default=True, help="Fitting noises.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--search", type=click.Choice(["gradient", "scan"]), default="gradient", show_default=True)
+@click.option("--search", type=click.Choice(["gradient", "scan"]), default="gradient", show_default=True,
+              help="dc: fit the ratios by gradient or by a grid scan.")
 @click.option("--iters", type=click.IntRange(min=1), default=None,
               help="Iterations (dc: 20; timesteps: at most 300, coefficients: at most 400, both stop on a plateau).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
@@ -138,7 +144,8 @@ def _noise(pipe, num: int, seed: int, device: str) -> torch.Tensor:
 @click.option("--inception-weights", type=click.Path(exists=True, dir_okay=False), default=None,
               help="S3 with --fid-reference outside the digits: local InceptionV3 weights for the FID features.")
 @click.option("--validation-samples", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Held-out noises (seed + 1) reported and, for s3/timesteps, choosing among the candidates.")
+              help="Extra held-out noises (seed + 1) that validate the fit. 0: every method holds out a quarter of "
+                   "the fitting noises instead.")
 @click.option("--teacher", default="dpmsolver++3:200", show_default=True, help="SOLVER:STEPS (dpmsolver++3 or ddim).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--cache-dir", default=None, help="Teacher cache (default: $FASTSAMPLER_CACHE or ~/.cache/fastsampler).")
@@ -156,9 +163,13 @@ def tune(pipeline_dir: str, method: str, steps: str, guidance_scale: str | None,
     from fastsampler.tuning.cpr import fit_cpr, write_cpr_file, write_ratio_file
 
     began = time.perf_counter()
+    step_counts = positive_ints(steps, "--steps")  # every argument is checked before any work
+    check_scheduler_name(parse_scheduler(scheduler_spec)[0], fastsampler_only=True)
+    scales = _floats(guidance_scale)
+    options = _method_options(method, search, iters, lr, budget, budget_seconds)
+    writable_folder(out_dir)
     ctx = distributed_context()
     device = select_device(device, ctx)
-    step_counts = [int(s) for s in steps.split(",") if s.strip()]
     pipe = _load_pipeline(pipeline_dir, device)
     prompts = Path(prompts_file).read_text().splitlines() if prompts_file else None
     prompts = [p for p in prompts if p.strip()] if prompts else None
@@ -169,9 +180,11 @@ def tune(pipeline_dir: str, method: str, steps: str, guidance_scale: str | None,
         labels = [int(v) for v in class_labels.split(",")]
     elif is_class_conditional:
         labels = [i % (int(pipe.unet.config.num_class_embeds) - 1) for i in range(num_samples)]
+    if scales != [None] and not (is_class_conditional or prompts):
+        raise click.BadParameter(f"{pipeline_dir} is an unconditional model: guidance needs class labels or "
+                                 "--prompts", param_hint="--guidance-scale")
     noise = _noise(pipe, num_samples, seed, device)
     validation = _noise(pipe, validation_samples, seed + 1, device) if validation_samples else None
-    options = _method_options(method, search, iters, lr, budget, budget_seconds)
     out = Path(out_dir)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     if fid_reference is not None or inception_weights is not None:
@@ -183,7 +196,6 @@ def tune(pipeline_dir: str, method: str, steps: str, guidance_scale: str | None,
 
         options["scorer"] = fid_scorer(pipe, fid_reference, inception_weights=inception_weights,
                                        cache_dir=cache / "ref_stats")
-    scales = _floats(guidance_scale)
     entries, report = [], {"command": " ".join(sys.argv), "pipeline": pipeline_dir, "method": method,
                            "num_samples": num_samples, "seed": seed, "fid_reference": fid_reference, "runs": {}}
     for scale in scales:
