@@ -363,6 +363,13 @@ def test_cli_tune_writes_a_loadable_scheduler_folder(tmp_path):
     assert json.loads((out / "dc_ratios.json").read_text())["entries"][0]["num_steps"] == 4
     report = json.loads((out / "tune_report.json").read_text())
     assert report["runs"]
+    # the folder holds what a pipeline loads, with save_pretrained's file modes; the checkpoints are gone
+    assert not (out / ".checkpoints").exists()
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes["fastsampler_plans.json"] == modes["scheduler_config.json"] == 0o666 & ~umask, modes
+    assert "4 steps: ratios" in done.stdout and "MSE vs teacher" in done.stdout and "guidance" not in done.stdout
 
 
 @pytest.mark.slow

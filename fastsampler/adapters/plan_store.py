@@ -74,6 +74,9 @@ def save_plans(directory: str | os.PathLike, plans: Iterable[Plan]) -> Path | No
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".plans-", suffix=".json")
     with os.fdopen(fd, "w") as f:
         json.dump(payload, f)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; save_pretrained's other files follow the umask
     os.replace(tmp, path)
     return path
 

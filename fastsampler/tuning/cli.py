@@ -17,6 +17,7 @@ search checkpoints, so a killed run resumes; under ``torchrun`` the teacher is c
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -49,27 +50,34 @@ def _method_options(method: str, search: str, iters: int | None, lr: float | Non
     return {k: v for k, v in options.items() if v is not None}
 
 
-def _summary(method: str, entry: dict) -> str:
-    cost = f"({entry['seconds']:.1f} s, {entry['model_evaluations']} model calls)"
+CHECKPOINTS = ".checkpoints"  # inside the output folder while tuning runs; removed once the scheduler is saved
+MEASURE = "MSE vs teacher"  # every loss below: mean squared error of the final samples against the teacher's
+
+
+def _summary(method: str, entry: dict, measure: str = MEASURE) -> str:
+    """One line per step count: what was fitted, the loss (named by ``measure``) of the scheduler's own plan →
+    the tuned one, on which noises, and the cost."""
+    cost = f"{entry['seconds']:.1f} s, {entry['model_evaluations']} model calls (teacher and validation included)"
     held = ""
     if "validation_loss_tuned" in entry:
-        held = f"; held-out {entry['validation_loss_plain']:.4g} → {entry['validation_loss_tuned']:.4g}"
+        held = f"; held-out noises {entry['validation_loss_plain']:.4g} → {entry['validation_loss_tuned']:.4g}"
     if method == "dc":
-        return (f"ratios {[round(r, 3) for r in entry['ratios']]}, fitting loss {entry['final_loss_plain']:.4g} → "
-                f"{entry['final_loss_tuned']:.4g}{held} {cost}")
+        return (f"ratios {[round(r, 3) for r in entry['ratios']]}; {measure} on the fitting noises "
+                f"{entry['final_loss_plain']:.4g} → {entry['final_loss_tuned']:.4g}{held}; {cost}")
     if method == "timesteps":
-        return (f"timesteps {[round(t) for t in entry['timesteps_learned']]}, fitting loss "
-                f"{entry['loss_initial']:.4g} → {entry['loss_final_grid']:.4g}{held} {cost}")
+        return (f"timesteps {[round(t) for t in entry['timesteps_learned']]}; {measure} on the fitting noises "
+                f"{entry['loss_initial']:.4g} → {entry['loss_final_grid']:.4g}{held}; {cost}")
     if method == "coefficients":
-        return (f"timesteps {[round(t, 2) for t in entry['timesteps_learned']]}, validation ({entry['validation']}) "
-                f"{entry['validation_base']:.4g} → {entry['validation_tuned']:.4g} after {entry['iterations']} "
-                f"iterations (best {entry['best_iteration']}; {entry['stopped']}){held} {cost}")
+        return (f"timesteps {[round(t, 2) for t in entry['timesteps_learned']]}; {measure} on validation "
+                f"({entry['validation']}) {entry['validation_base']:.4g} → {entry['validation_tuned']:.4g} after "
+                f"{entry['iterations']} iterations (best {entry['best_iteration']}; {entry['stopped']}){held}; {cost}")
     chosen = ""
     if entry.get("validation_best") == entry.get("validation_best"):  # not NaN: the search validated
         chosen = (f"; {entry['chosen']} chosen on validation ({entry['validation']}) "
                   f"{entry['validation_base']:.4g} → {entry['validation_best']:.4g}")
-    return (f"best score {entry['baseline_score']:.4g} → {entry['best_score']:.4g} ({entry['evaluated']} evaluated, "
-            f"{entry['screened_out']} screened out{chosen}){held} {cost}")
+    return (f"{measure} of the scheduler's plan → the best candidate {entry['baseline_score']:.4g} → "
+            f"{entry['best_score']:.4g} ({entry['evaluated']} candidates evaluated, {entry['screened_out']} screened "
+            f"out{chosen}){held}; {cost}")
 
 
 def _floats(text: str | None) -> list[float | None]:
@@ -203,14 +211,16 @@ def tune(pipeline_dir: str, method: str, steps: str, guidance_scale: str | None,
         target = out if len(scales) == 1 else out / f"g{scale:g}"
         tuned = tune_fn(scheduler, pipe, noise, step_counts, method, prompt=prompts, negative_prompt=negative_prompt,
                         guidance_scale=scale, class_labels=labels, teacher=teacher, cache_dir=cache,
-                        checkpoint_dir=target / ".checkpoints", progress=not no_progress,
+                        checkpoint_dir=target / CHECKPOINTS, progress=not no_progress,
                         validation_noise=validation, **options)
         if ctx.is_main:
             tuned.save_pretrained(target)
+            shutil.rmtree(target / CHECKPOINTS, ignore_errors=True)  # kept only while a run can still resume
         for n, entry in tuned.tuning_report["steps"].items():
             if method == "dc":
                 entries.append({"num_steps": n, "guidance_scale": scale, "ratios": entry["ratios"]})
-            click.echo(f"guidance {scale}, {n} steps: {_summary(method, entry)}")
+            where = "" if scale is None else f"guidance {scale:g}, "
+            click.echo(f"{where}{n} steps: {_summary(method, entry, 'FID' if fid_reference else MEASURE)}")
         report["runs"][str(scale)] = tuned.tuning_report
     if ctx.is_main and method == "dc":
         config = dict(_scheduler_for(pipe, scheduler_spec).config)
