@@ -52,9 +52,10 @@ def build_unet(width: int, num_class_embeds: int | None = None) -> UNet2DModel:
 
 
 def build_scheduler(prediction_type: str) -> DDPMScheduler:
-    """The training noise schedule (also the pipeline's default scheduler)."""
+    """The training noise schedule (also the pipeline's default scheduler; ``trailing`` spacing, so that a few-step
+    sampler built with ``from_config`` starts at t = 999 like every table and shipped tuned folder)."""
     return DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
-                         prediction_type=prediction_type, clip_sample=False)
+                         prediction_type=prediction_type, clip_sample=False, timestep_spacing="trailing")
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:

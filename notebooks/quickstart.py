@@ -59,9 +59,10 @@ print(f"UNet2DModel, {sum(p.numel() for p in pipe.unet.parameters()):,} paramete
 # ## One line per scheduler
 #
 # Every scheduler is built `from_config(pipe.scheduler.config, …)`, so it inherits the model's betas and
-# prediction type. We also pass `timestep_spacing="trailing"`: every step count then starts at t = 999, pure noise,
-# so the rows below differ only by the solver (with the pipeline's own `"leading"` spacing, 5 steps start at
-# t = 800 for DDIM and t = 830 for the multistep schedulers, diffusers' and ours alike).
+# prediction type. We also pass `timestep_spacing="trailing"` (the embedded pipeline ships with it; a checkpoint of
+# your own may not): every step count then starts at t = 999, pure noise, so the rows below differ only by the
+# solver (with `"leading"` spacing, 5 steps start at t = 800 for DDIM and t = 830 for the multistep schedulers,
+# diffusers' and ours alike).
 #
 # `generate` is the plain pipeline call; the noise comes from the seeded `generator`, so every scheduler
 # starts from the same `BATCH` noises.

@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 
 from fastsampler.plans.format import Plan
+from fastsampler.warn import warn
 
 PLANS_FILE = "fastsampler_plans.json"
 PLANS_FORMAT = "fastsampler-plans/1"
@@ -45,8 +45,8 @@ def check_plan(plan: Plan, expected: Mapping[str, Any], prediction_type: str, fl
     got = meta.get("schedule")
     if got is None:
         # Version-1 plans predate the fingerprint: what can be checked was, the schedule cannot be.
-        warnings.warn("the plan carries no noise-schedule fingerprint (a version-1 plan); its noise schedule cannot "
-                      "be checked against this scheduler's — rebuild and save it to record one", stacklevel=3)
+        warn("the plan carries no noise-schedule fingerprint (a version-1 plan); its noise schedule cannot "
+             "be checked against this scheduler's — rebuild and save it to record one")
         return
     for key in ("kind", "num_train_timesteps"):
         if got.get(key) != expected[key]:

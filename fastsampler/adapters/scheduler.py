@@ -14,6 +14,7 @@ fused update (``fastsampler.kernels``): no host read of a device value, no hostâ
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import math
 import threading
@@ -39,6 +40,7 @@ from fastsampler.samplers.rules import Nodes, Transform, compile_plan
 from fastsampler.samplers.transforms import apply_plugins, time_shift
 from fastsampler.schedules.grids import Grid, GridSpec, flow_grid, vp_grid
 from fastsampler.schedules.noise import ContinuousVP, DiscreteVP
+from fastsampler.warn import warn
 
 logger = logging.getLogger("fastsampler")
 
@@ -76,6 +78,11 @@ OPTION_FILES = ("dc_ratios_file", "dc_cpr_file")  # options naming files whose c
 
 class NonFiniteModelOutputError(FloatingPointError):
     """The model returned NaN or Â±inf (or the sample passed to ``step()`` contained them)."""
+
+
+class UntunedStepsWarning(UserWarning):
+    """A scheduler with tuned plans runs a step count it has no plan for (the untuned solver, a silent fallback
+    otherwise)."""
 
 
 class PlanScheduler(TimeShiftMixin, SchedulerMixin, ConfigMixin):
@@ -216,6 +223,11 @@ class PlanScheduler(TimeShiftMixin, SchedulerMixin, ConfigMixin):
             kwargs.setdefault("prediction_type", "flow_prediction")
             kwargs.setdefault("flow_shift", float(source["shift"]))
             kwargs.setdefault("flow_respacing", "flowmatch")  # Karras / exponential / beta as that scheduler does
+        # options of another fastsampler scheduler left at None (an S3 folder's usf_preset / usf_schedule) set
+        # nothing: drop them rather than let diffusers warn that they "will be ignored"
+        accepted = inspect.signature(cls.__init__).parameters
+        source = {k: v for k, v in source.items() if not (v is None and k not in accepted and not k.startswith("_"))}
+        config = source if config is not None else config
         dropped = [k for k in opts.unsupported(source, cls._options, cls.__init__) if k not in kwargs]
         if dropped and config is not None:
             logger.info("%s ignores %s from the config (options it does not implement)", cls.__name__,
@@ -408,6 +420,10 @@ class PlanScheduler(TimeShiftMixin, SchedulerMixin, ConfigMixin):
                                  f"set_timesteps got mu={mu!r}; tune for this mu (image size) or remove the plan")
             self._install(installed, device)
             return
+        if self._plans and num_inference_steps is not None and timesteps is None and sigmas is None:
+            warn(f"{type(self).__name__}: no tuned plan for {num_inference_steps} steps (tuned: "
+                 f"{', '.join(map(str, sorted(self._plans)))}); sampling with the untuned solver instead",
+                 UntunedStepsWarning)
         if c.use_flow_sigmas:
             grid = flow_grid(self._grid_spec(), c.num_train_timesteps, num_inference_steps, timesteps, sigmas, mu)
             self._flow_shift = math.exp(mu) if mu is not None else float(c.flow_shift)

@@ -40,6 +40,8 @@ from fastsampler.tuning.holdout import Holdout
 from fastsampler.tuning.model import from_pipeline
 from fastsampler.tuning.teacher import TeacherSpec, teacher_trajectories
 from fastsampler.tuning.validation import Validation
+from fastsampler.adapters.scheduler import UntunedStepsWarning
+from fastsampler.warn import warn
 
 
 
@@ -305,7 +307,9 @@ def tune(scheduler, model, noise: torch.Tensor, num_inference_steps: int | Seque
     report: dict[int, dict] = {}
     settings = None
     for n in steps:
-        student.set_timesteps(n, device=noise.device)
+        with warnings.catch_warnings():  # the step count is being tuned: its missing plan is what tune makes
+            warnings.simplefilter("ignore", UntunedStepsWarning)
+            student.set_timesteps(n, device=noise.device)
         reference = teacher_trajectories(student, fit_model, noise, spec, cache, ctx=ctx, progress=progress)
         holdout = None
         if held_out is not None:  # the held-out noises also choose among the candidates
@@ -319,10 +323,10 @@ def tune(scheduler, model, noise: torch.Tensor, num_inference_steps: int | Seque
             entry["teacher_error"] = teacher_error(student, fit_model, noise, reference, spec, cache, ctx, progress)
             entry["student_error"] = _student_error(plan, fit_model, noise, reference)
             if entry["student_error"] < TEACHER_LIMIT * entry["teacher_error"]:  # (stacklevel: tune's caller)
-                warnings.warn(f"{n} steps: the tuned sampler's error against its teacher ({entry['student_error']:.3g}) "
-                              f"is within {TEACHER_LIMIT:g}× of the teacher's own error ({entry['teacher_error']:.3g}, "
-                              f"vs {2 * spec.steps} steps): the teacher limits it; pass e.g. "
-                              f"teacher=\"{spec.solver}:{2 * spec.steps}\"", RuntimeWarning, stacklevel=3)
+                warn(f"{n} steps: the tuned sampler's error against its teacher ({entry['student_error']:.3g}) "
+                     f"is within {TEACHER_LIMIT:g}× of the teacher's own error ({entry['teacher_error']:.3g}, "
+                     f"vs {2 * spec.steps} steps): the teacher limits it; pass e.g. "
+                     f"teacher=\"{spec.solver}:{2 * spec.steps}\"", RuntimeWarning)
         tuned.set_plan(plan)
         if held_out is not None:
             entry["validation_loss_plain"] = validation_loss(student, held_out, validation_noise, spec, cache, progress)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -33,6 +32,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from fastsampler.samplers.rules import Combo, Nodes, PlanShape, Rule, Transform
+from fastsampler.warn import warn
 
 RATIOS_FORMAT = "fastsampler-dc-ratios/1"
 CPR_FORMAT = "fastsampler-dc-cpr/1"
@@ -108,7 +108,7 @@ def _check_fitted(path: str, recorded: Mapping[str, Any], options: Mapping[str, 
     current = fitted_config(options)
     diff = {k: (recorded[k], current[k]) for k in recorded if k in current and recorded[k] != current[k]}
     if diff:
-        warnings.warn(f"{path} was fitted for another configuration ({', '.join(f'{k}: {a!r} there, {b!r} here' for k, (a, b) in diff.items())}); its ratios may not suit this scheduler", stacklevel=4)
+        warn(f"{path} was fitted for another configuration ({', '.join(f'{k}: {a!r} there, {b!r} here' for k, (a, b) in diff.items())}); its ratios may not suit this scheduler")
 
 
 def _read_json(path: str, fmt: str) -> dict:
@@ -160,10 +160,9 @@ def _warn_outside(path: str, fitted_on: Sequence[Sequence[float]] | None, num_st
         return
     steps, scales = [p[0] for p in fitted_on], [p[1] for p in fitted_on]
     if not (min(steps) <= num_steps <= max(steps) and min(scales) <= guidance_scale <= max(scales)):
-        warnings.warn(f"`dc_cpr_file` {path} was fitted on NFE {min(steps)}–{max(steps)} and guidance "
-                      f"{min(scales):g}–{max(scales):g}; NFE {num_steps} at guidance {guidance_scale:g} extrapolates "
-                      "the regression (tune ratios for this setting: fastsampler.tune(..., method='dc'))",
-                      RuntimeWarning, stacklevel=4)
+        warn(f"`dc_cpr_file` {path} was fitted on NFE {min(steps)}–{max(steps)} and guidance "
+             f"{min(scales):g}–{max(scales):g}; NFE {num_steps} at guidance {guidance_scale:g} extrapolates "
+             "the regression (tune ratios for this setting: fastsampler.tune(..., method='dc'))", RuntimeWarning)
 
 
 def ratios_from_cpr(path: str, num_steps: int, guidance_scale: float | None,

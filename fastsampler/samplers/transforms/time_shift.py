@@ -77,7 +77,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Callable, Mapping, Sequence
@@ -87,6 +86,7 @@ import numpy as np
 from fastsampler.plans.format import OUT_NEXT, Plan, RowView, src_register
 from fastsampler.samplers.rules import Nodes, PlanShape, Rule, Transform, compile_plan
 from fastsampler.schedules.noise import alpha_sigma_from_rho
+from fastsampler.warn import warn
 
 MODES = ("input", "target")
 #: Defaults from the authors' DPM-Solver setting (TS-DPM README: DPM-Solver, 5 steps, ``--window_size 30
@@ -242,11 +242,10 @@ def warn_if_state_is_resumed(plan: Plan) -> None:
     resumed = [name for q, name in enumerate(plan.registers)
                if name in STATE_REGISTERS and np.any(plan.coef[:, :, OUT_NEXT, src_register(q)] != 0.0)]
     if resumed:
-        warnings.warn(f"time_shift: this solver integrates again from a saved state (register {resumed[0]!r}: UniPC's "
-                      "corrector or a singlestep macro step), which starts at its nominal time, so the shift reaches "
-                      "the network but the sample is not re-timed (with UniPC's corrector a variance mismatch grows); "
-                      "DPMSolverPlusPlusScheduler (multistep) or DEISScheduler give the paper's behaviour",
-                      stacklevel=5)  # the caller of set_timesteps() / set_plan()
+        warn(f"time_shift: this solver integrates again from a saved state (register {resumed[0]!r}: UniPC's "
+             "corrector or a singlestep macro step), which starts at its nominal time, so the shift reaches "
+             "the network but the sample is not re-timed (with UniPC's corrector a variance mismatch grows); "
+             "DPMSolverPlusPlusScheduler (multistep) or DEISScheduler give the paper's behaviour")
 
 
 @dataclass(frozen=True)
