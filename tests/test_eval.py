@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from fastsampler.eval import gmm, metrics, reference
+from fastsampler.eval import bench as bench_lib, gmm, metrics, reference
 from fastsampler.eval.bench_cli import bench
 from fastsampler.eval.gmm import GaussianMixture, MixtureDenoiser, MixtureModel
 from fastsampler.eval.reference import Tolerance
@@ -182,8 +182,29 @@ def test_bench_cli_end_to_end(monkeypatch, tmp_path):
     assert data["references"][0]["tolerance_check"]["passed"]
     for name in ("results.csv", "table.txt", "error_vs_nfe.png"):
         assert (out / name).stat().st_size > 0
+    assert bench_lib.TABLE_LEGEND in result.output and bench_lib.TABLE_LEGEND in (out / "table.txt").read_text()
     rerun = CliRunner().invoke(bench, args)
     assert rerun.exit_code == 0 and "cached" in rerun.output
+
+
+def test_bench_plot_has_a_panel_per_family_distinct_series_and_names_failed_solvers(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    names = [f"fs/s{i}" for i in range(12)] + ["diffusers/a", "diffusers/b"]
+    runs = [bench_lib.RunResult(name, "diffusers" if name.startswith("diffusers") else "fastsampler", n, n, n,
+                                math.nan if name == "fs/s3" else 1.0 / (n + i), 0.0, 0.0, 0.0, 999.0)
+            for i, name in enumerate(names) for n in (4, 8)]
+    result = bench_lib.BenchResult(bench_lib.BenchSetup("sd", None, None, 4, 0), [4, 8], runs, [], 0.0)
+    figures = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, *a, **k: figures.append(self))
+    bench_lib.plot(result, tmp_path / "plot.png")
+    (fig,) = figures
+    left, right = fig.axes
+    assert (left.get_title(), right.get_title()) == ("fastsampler", "diffusers")
+    styles = [(line.get_color(), line.get_marker()) for line in left.get_lines()]
+    assert len(styles) == 11 and len(set(styles)) == 11  # fs/s3 has no finite result
+    assert "None" not in fig._suptitle.get_text() and "unconditional" in fig._suptitle.get_text()
+    assert any("no finite result" in t.get_text() and "fs/s3" in t.get_text() for t in fig.texts)
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "flipped", "wrong_shape"])

@@ -384,7 +384,11 @@ def format_table(result: BenchResult) -> str:
     if failures:
         lines += ["", "failures:"] + [f"  {solver} @ NFE {','.join(map(str, nfes))}: {error}"
                                       for (solver, error), nfes in failures.items()]
-    return "\n".join(lines)
+    return "\n".join(lines[:len(result.solvers()) + 1] + [TABLE_LEGEND] + lines[len(result.solvers()) + 1:])
+
+
+TABLE_LEGEND = ("RMSE of the final samples vs the exact ODE solution. *: the best of its family (fastsampler / "
+                "diffusers) at that NFE; (n): the solver's actual model calls where they differ from the column's NFE.")
 
 
 def write_csv(result: BenchResult, path: Path) -> None:
@@ -398,7 +402,8 @@ def write_csv(result: BenchResult, path: Path) -> None:
 
 
 def plot(result: BenchResult, path: Path) -> None:
-    """RMSE vs actual NFE, log-log; fastsampler solid, diffusers dashed."""
+    """RMSE vs actual NFE, log-log: one panel per family (fastsampler, diffusers), a distinct colour and marker per
+    solver within a panel; solvers with no finite result are listed under the panels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -406,26 +411,31 @@ def plot(result: BenchResult, path: Path) -> None:
 
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
-    fig, ax = plt.subplots(figsize=(10, 6))
-    methods = list(dict.fromkeys(s.split("/", 1)[-1] for s in result.solvers()))  # same method, same colour
-    colors = plt.get_cmap("tab20")
-    for solver in result.solvers():
-        runs = [r for r in result.runs if r.solver == solver and math.isfinite(r.rmse)]
-        if not runs:
-            continue
-        style = "-" if runs[0].family == "fastsampler" else "--"
-        color = colors(methods.index(solver.split("/", 1)[-1]) % 20)
-        ax.plot([r.nfe_actual for r in runs], [r.rmse for r in runs], style, marker="o", markersize=3,
-                color=color, label=solver)
-    ax.set(xscale="log", yscale="log", xlabel="NFE (model calls)", ylabel="RMSE vs reference ODE solution",
-           title=f"preset {result.setup.preset}, guidance {result.setup.guidance_scale}, "
-                 f"batch {result.setup.batch_size} (solid: fastsampler, dashed: diffusers)")
-    ax.set_xticks(result.nfes)
-    ax.xaxis.set_major_formatter(ScalarFormatter())
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.tight_layout()
+    families = [f for f in FAMILIES if any(r.family == f for r in result.runs)] or list(FAMILIES)
+    fig, axes = plt.subplots(1, len(families), figsize=(8 * len(families), 6), sharey=True, squeeze=False)
+    colors, markers = plt.get_cmap("tab10"), "osD^vP*Xph<>"
+    missing = []
+    for ax, family in zip(axes[0], families):
+        solvers = [s for s in result.solvers() if any(r.solver == s and r.family == family for r in result.runs)]
+        for i, solver in enumerate(solvers):  # colour and marker together are distinct within a panel
+            runs = [r for r in result.runs if r.solver == solver and math.isfinite(r.rmse)]
+            if not runs:
+                missing.append(solver)
+                continue
+            ax.plot([r.nfe_actual for r in runs], [r.rmse for r in runs], "-", marker=markers[i // 10 % len(markers)],
+                    markersize=4, color=colors(i % 10), label=solver)
+        ax.set(xscale="log", yscale="log", xlabel="NFE (model calls)", title=family)
+        ax.set_xticks(result.nfes)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="lower left", ncol=2)
+    axes[0][0].set_ylabel("RMSE vs reference ODE solution")
+    guidance = "unconditional" if result.setup.guidance_scale is None else f"guidance {result.setup.guidance_scale:g}"
+    fig.suptitle(f"preset {result.setup.preset}, {guidance}, batch {result.setup.batch_size}")
+    if missing:  # solvers without one finite result are named, not silently absent
+        fig.text(0.01, 0.01, "no finite result (see table.txt): " + ", ".join(missing), fontsize=8, color="C3")
+    fig.tight_layout(rect=(0, 0.03 if missing else 0, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
