@@ -391,6 +391,25 @@ def test_cli_tune_searches_and_learns(tmp_path, method, extra):
     entry = json.loads((out / "tune_report.json").read_text())["runs"]["None"]["steps"]["4"]
     assert entry["validation_loss_tuned"] <= entry["validation_loss_plain"] * (1 + 1e-12)
     assert "held-out" in done.stdout
+    if method == "s3":  # reported in the unit of --budget: the search's own model calls
+        assert 24 <= entry["search_evaluations"] <= entry["model_evaluations"]
+        assert f"in {entry['search_evaluations']} model calls of the search's budget" in done.stdout
+
+
+def test_s3_progress_bar_counts_in_the_budgets_unit(monkeypatch, tmp_path):
+    from fastsampler import progress as progress_bars
+
+    bars = []
+    original = progress_bars.bar
+    monkeypatch.setattr(progress_bars, "bar", lambda *a, **k: bars.append(original(*a, **k)) or bars[-1])
+    s = UniPCScheduler(**SD)
+    s.set_timesteps(4)
+    model, noise = mixture(s.config, 8, 0)
+    target = teacher_trajectories(s, model, noise, TeacherSpec(steps=40), progress=False)[-1]
+    search_schedule(s, model, noise, target, S3Search(budget_evaluations=40, warmup=4, seed_timesteps=False,
+                                                      refine_top=0), tmp_path / "s3.log", progress=True)
+    (s3_bar,) = [b for b in bars if str(getattr(b, "desc", "")).startswith("S3")]
+    assert s3_bar.total == 40 and s3_bar.unit == "model calls" and s3_bar.n == 40
 
 
 def test_cli_tune_refuses_options_of_another_method():

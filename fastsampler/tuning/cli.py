@@ -76,8 +76,9 @@ def _summary(method: str, entry: dict, measure: str = MEASURE) -> str:
         chosen = (f"; {entry['chosen']} chosen on validation ({entry['validation']}) "
                   f"{entry['validation_base']:.4g} → {entry['validation_best']:.4g}")
     return (f"{measure} of the scheduler's plan → the best candidate {entry['baseline_score']:.4g} → "
-            f"{entry['best_score']:.4g} ({entry['evaluated']} candidates evaluated, {entry['screened_out']} screened "
-            f"out{chosen}){held}; {cost}")
+            f"{entry['best_score']:.4g} ({entry['evaluated']} candidates evaluated in "
+            f"{entry.get('search_evaluations', 0)} model calls of the search's budget, {entry['screened_out']} "
+            f"screened out{chosen}){held}; {cost}")
 
 
 def _floats(text: str | None) -> list[float | None]:

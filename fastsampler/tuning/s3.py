@@ -104,7 +104,8 @@ class S3Report:
     best: dict[str, Any] = field(default_factory=dict)
     evaluated: int = 0
     screened_out: int = 0
-    model_evaluations: int = 0
+    model_evaluations: int = 0  # all of them: search, time-point fits, validation
+    search_evaluations: int = 0  # the search's candidates alone: what `budget_evaluations` bounds
     seconds: float = 0.0
     history: list[float] = field(default_factory=list)  # best score after each evaluated candidate
     holdout_baseline: float = math.nan  # with held-out noises: the baseline's and the chosen candidate's loss there
@@ -465,7 +466,12 @@ def _run_rounds(study, search: S3Search, n: int, learned_grid: bool, ask, evalua
     from optuna.trial import TrialState
     from sklearn.ensemble import RandomForestRegressor
 
-    bar = progress_bars.bar(desc=f"S3 ({n} steps)", enabled=progress, unit="cand")
+    # the bar counts in the budget's own unit: model calls (a candidate costs n), or seconds
+    by_calls = search.budget_evaluations is not None
+    total = search.budget_evaluations if by_calls else search.budget_seconds
+    bar = progress_bars.bar(desc=f"S3 ({n} steps)", enabled=progress, total=total,
+                            unit="model calls" if by_calls else "s")
+    began = time.perf_counter()
     while not spent():
         complete = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number)
         if len(complete) < search.warmup:
@@ -496,7 +502,9 @@ def _run_rounds(study, search: S3Search, n: int, learned_grid: bool, ask, evalua
                     evaluate(proposals[k])
         if study.best_trial is not None:
             bar.set_postfix(best=f"{study.best_value:.4g}", baseline=f"{report.baseline_score:.4g}")
-        bar.update()
+        done = _done_evaluations(study, n) if by_calls else round(time.perf_counter() - began, 1)
+        bar.update(min(done, total) - bar.n)
+    report.search_evaluations = _done_evaluations(study, n)
     bar.close()
 
 
