@@ -5,7 +5,11 @@ from setuptools import find_packages, setup
 # schedulers follow its scheduler contract closely: DIFFUSERS_TESTED lists the releases whose contract tests
 # (tests/test_parity.py, test_contract.py, test_hardening.py, test_pipelines.py, …) passed.
 DIFFUSERS_TESTED = ("0.37.1", "0.38.0", "0.40.0", "0.42.1")  # 2026-12-07; 0.35.2 and 0.36.0 fail (flow grids)
-NOTEBOOKS = ["jupytext>=1.16,<2", "nbclient>=0.10,<1", "nbformat>=5.9,<6", "ipykernel>=6.29,<8", "ipywidgets>=8.1,<9"]
+# running the notebooks (CI: tests/test_notebooks.py) ; opening them: JupyterLab, where jupytext ≥ 1.16 brings its
+# extension ("Open With → Jupytext Notebook" on a percent script)
+NOTEBOOKS_RUN = ["jupytext>=1.16,<2", "nbclient>=0.10,<1", "nbformat>=5.9,<6", "ipykernel>=6.29,<8",
+                 "ipywidgets>=8.1,<9"]
+NOTEBOOKS = [*NOTEBOOKS_RUN, "jupyterlab>=4,<5"]
 TRITON = "triton>=3.0,<4"
 TORCHMETRICS = "torchmetrics>=1.4,<2"
 PIPELINES = ["transformers>=4.40,<6", "accelerate>=0.26,<2"]
@@ -34,9 +38,10 @@ setup(
         "triton": [TRITON],
         "fid": [TORCHMETRICS, "torch-fidelity>=0.3,<1"],
         "pipelines": PIPELINES,
-        # notebooks/: jupytext turns the percent scripts into notebooks, nbclient runs them on an ipykernel kernel
+        # notebooks/: jupytext turns the percent scripts into notebooks, nbclient runs them on an ipykernel kernel,
+        # JupyterLab opens them
         "notebooks": NOTEBOOKS,
-        "test": ["pytest>=7,<10", TRITON, TORCHMETRICS, *PIPELINES, *NOTEBOOKS],
+        "test": ["pytest>=7,<10", TRITON, TORCHMETRICS, *PIPELINES, *NOTEBOOKS_RUN],
     },
     entry_points={"console_scripts": ["fastsampler=fastsampler.cli:main"]},
 )

@@ -4,6 +4,9 @@ fresh Jupyter kernel (nbclient), failing on the first error.
     python notebooks/run.py                       # every notebook; prints the time of each
     python notebooks/run.py --figures             # … and writes each key figure to notebooks/figures/<name>.png
     python notebooks/run.py --ipynb quickstart    # … and keeps the executed notebook (notebooks/quickstart.ipynb)
+    python notebooks/run.py --out runs quickstart  # … keeps it as runs/quickstart.ipynb instead
+
+Nothing is ever written to the percent scripts themselves (nor their timestamps touched).
 
 A notebook is any ``notebooks/*.py`` in jupytext's percent format. The figures are the README's pictures:
 ``--figures`` sets ``FASTSAMPLER_NOTEBOOK_FIGURES``, and each notebook saves its key figure there (without it,
@@ -65,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("names", nargs="*", help="notebook names (default: all), e.g. quickstart")
     parser.add_argument("--figures", action="store_true", help=f"write the key figures to {FIGURES}")
     parser.add_argument("--ipynb", action="store_true", help="write each executed notebook beside its source")
+    parser.add_argument("--out", type=Path, default=None, help="write each executed notebook into this folder")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per notebook (default 600)")
     args = parser.parse_args(argv)
     paths = notebooks()
@@ -77,10 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     for path in paths:
         nb, seconds = execute(path, args.timeout, FIGURES if args.figures else None)
         print(f"{path.name}: {seconds:.1f} s", flush=True)
-        if args.ipynb:
+        if args.ipynb or args.out is not None:
             import nbformat
 
-            nbformat.write(nb, path.with_suffix(".ipynb"))
+            folder = args.out if args.out is not None else path.parent
+            folder.mkdir(parents=True, exist_ok=True)
+            nbformat.write(nb, folder / path.with_suffix(".ipynb").name)
     return 0
 
 

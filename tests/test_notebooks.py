@@ -50,3 +50,16 @@ def test_notebook_runs(path: Path, tmp_path: Path):
     assert not [o for o in outputs if o.get("output_type") == "error"]
     assert any("image/png" in o.get("data", {}) for o in outputs), "the notebook drew no figure"
     print(f"{path.name}: {seconds:.1f} s")
+
+
+def test_run_writes_executed_notebooks_to_out_and_never_to_the_sources(tmp_path, monkeypatch):
+    import jupytext
+    import nbformat
+
+    source = NOTEBOOKS_DIR / "quickstart.py"
+    stat = source.stat()
+    monkeypatch.setattr(runner, "execute", lambda path, timeout, figures: (jupytext.read(path), 0.0))
+    assert runner.main(["--out", str(tmp_path / "runs"), "quickstart"]) == 0
+    written = nbformat.read(tmp_path / "runs" / "quickstart.ipynb", as_version=4)
+    assert written.cells and not (NOTEBOOKS_DIR / "quickstart.ipynb").exists()
+    assert (source.stat().st_mtime_ns, source.stat().st_size) == (stat.st_mtime_ns, stat.st_size)
