@@ -94,13 +94,16 @@ class _AfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     hook: the module's own loader does the work)."""
 
     def __init__(self, name: str, then) -> None:
-        self.name, self.then, self.loader = name, then, None
+        self.name, self.then, self.loader, self.busy = name, then, None, False
 
     def find_spec(self, fullname: str, path=None, target=None):
-        if fullname != self.name:
+        if fullname != self.name or self.busy:
             return None
-        sys.meta_path.remove(self)  # one use; also keeps find_spec below from finding this finder again
-        spec = importlib.util.find_spec(fullname)
+        self.busy = True  # the other finders' answer, not this one's again
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self.busy = False
         if spec is None or spec.loader is None:
             return spec
         self.loader, spec.loader = spec.loader, self
@@ -111,6 +114,8 @@ class _AfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def exec_module(self, module) -> None:
         self.loader.exec_module(module)
+        if self in sys.meta_path:  # stays until an import, not a mere find_spec (availability checks), ran
+            sys.meta_path.remove(self)
         self.then(sys.modules.get(self.name, module))  # diffusers replaces itself by a lazy module while executing
 
 

@@ -50,6 +50,20 @@ print(json.dumps({"before": before, "cls": type(pipe).__name__,
                    "tuning": "fastsampler.tuning", "eval": "fastsampler.eval"}
 
 
+def test_the_pipeline_registers_even_after_an_availability_check_of_diffusers():
+    """Libraries probe ``importlib.util.find_spec("diffusers")`` without importing it: the registration still
+    happens at the real import."""
+    got = fresh("""
+import importlib.util, json
+import fastsampler
+assert importlib.util.find_spec("diffusers") is not None
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained(fastsampler.assets("digits-cond"))
+print(json.dumps(type(pipe).__name__))
+""")
+    assert got == "DigitsConditionalPipeline"
+
+
 def test_an_unknown_attribute_is_an_attribute_error():
     import fastsampler
 
