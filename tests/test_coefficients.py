@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,7 +11,7 @@ import torch
 import fastsampler
 from fastsampler import DEISScheduler, DPMSolverPlusPlusScheduler, UniPCScheduler
 from fastsampler.plans.format import src_slot
-from fastsampler.tuning.coefficients import (CoefficientSearch, Parametrisation, consistent_sources, exact_output,
+from fastsampler.tuning.coefficients import (CoefficientFit, CoefficientSearch, Parametrisation, consistent_sources, exact_output,
                                              learn_coefficients, sample, used_rows)
 from fastsampler.tuning.support import alive_sources, widen
 from fastsampler.tuning.holdout import Holdout
@@ -172,7 +172,7 @@ def test_tune_coefficients_saves_and_loads_in_a_pipeline(tmp_path):
     pipe = DDPMPipeline(unet=unet, scheduler=s)
     noise = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     tuned = fastsampler.tune(s, pipe, noise, 4, method="coefficients", cache_dir=None, progress=False,
-                             teacher="dpmsolver++3:20", iters=6, lr=0.01, patience=50, init="base")
+                             teacher="dpmsolver++3:20", teacher_check=False, iters=6, lr=0.01, patience=50, init="base")
     entry = tuned.tuning_report["steps"][4]
     assert not entry["kept_base"] and tuned.plans[4].meta["tuned"] == "coefficients"
     assert {"fit_losses", "validation_losses", "iterations", "stopped", "validation_base"} <= set(entry)
@@ -211,7 +211,7 @@ def test_bad_options_are_named():
     s = UniPCScheduler(**SD)
     model, noise = mixture(s.config, 4, 1)
     for options, name in ((dict(loss="l1"), "loss"), (dict(init="s3"), "init"), (dict(validation_fraction=1.0), "validation_fraction"),
-                          (dict(patience=0), "patience"), (dict(iters=-1), "iters")):
+                          (dict(patience=0), "patience"), (dict(iters=-1), "iters"), (dict(probe=0), "probe")):
         with pytest.raises(ValueError, match=name):
             fastsampler.tune(s, model, noise, 4, method="coefficients", cache_dir=None, progress=False, **options)
 
@@ -329,32 +329,57 @@ def test_the_default_history_fits_the_fused_kernel():
     assert FUSED_SLOTS == MAX_SLOTS and history_slots(None, s.plan) == MAX_SLOTS
 
 
-def test_auto_consistency_contains_the_consistent_fit_and_the_free_fit(tmp_path):
-    """``consistency="auto"``: the "full" fit runs first (the same plan as a "full" run alone); one free fit
-    continues it (its iteration 0 is the "full" plan), another starts from the scheduler's plan (the same as a
-    "none" run alone); the returned plan's validation is at most every one of theirs; a rerun resumes all three
-    stages from their checkpoints to the same plan."""
+@pytest.mark.parametrize("seed, winner", [(3, "free rows from the scheduler's plan"),
+                                          (4, "free rows continuing the consistent fit")])
+def test_auto_consistency_races_the_consistent_fit_and_the_free_fit(tmp_path, seed, winner):
+    """``consistency="auto"``: the "full" fit and free rows from the base run ``probe`` iterations each; the better
+    on validation then trains on. A free winner is the same plan as a "none" run alone. A consistent winner trains
+    to the end of a "full" run alone, and free rows continue it (their iteration 0 is the "full" fit's best
+    parameters), so the result is never worse than it on validation. A rerun resumes from the checkpoints to the
+    same plan. (The two seeds of the mixture send the race each way.)"""
     s = UniPCScheduler(**SD)
     s.set_timesteps(5)
-    model, noise = mixture(s.config, 16, 3)
+    model, noise = mixture(s.config, 16, seed)
     target = teacher_trajectories(s, model, noise, TeacherSpec(steps=60), None, progress=False)[-1]
-    search = CoefficientSearch(**{**QUICK, "iters": 10})
+    search = CoefficientSearch(**{**QUICK, "iters": 10, "probe": 4})
     full, full_report = learn_coefficients(s, model, noise, target, replace(search, consistency="full"),
                                            progress=False)
-    _, free_report = learn_coefficients(s, model, noise, target, replace(search, consistency="none"), progress=False)
+    free, free_report = learn_coefficients(s, model, noise, target, replace(search, consistency="none"),
+                                           progress=False)
     plan, report = learn_coefficients(s, model, noise, target, search, tmp_path / "ck.pt", progress=False)
-    fits = {report.stage: asdict(report), report.alternative["stage"]: report.alternative}
-    continuing = fits["free rows continuing the consistent fit"]
-    from_base = fits["free rows from the scheduler's plan"]
-    assert continuing["start"]["stage"] == "consistent (full)"
-    assert continuing["start"]["validation_tuned"] == pytest.approx(full_report.validation_tuned, rel=1e-12)
-    # iteration 0 is the "full" fit's best parameters (the in-loop loss: model times not yet rounded to integers)
-    best_full = full_report.validation_losses[full_report.best_iteration]
-    assert continuing["validation_losses"][0] == pytest.approx(best_full, rel=1e-9)
-    assert from_base["validation_tuned"] == pytest.approx(free_report.validation_tuned, rel=1e-12)
-    assert report.validation_tuned == min(continuing["validation_tuned"], from_base["validation_tuned"])
-    assert report.validation_tuned <= full_report.validation_tuned
-    for name in ("ck.full.pt", "ck.pt", "ck.free.pt"):
-        assert (tmp_path / name).is_file()
+    assert report.stage == winner
+    race = report.race["validation_best"]
+    probe_best = {"consistent (full)": min(full_report.validation_losses[:4]),
+                  "free rows from the scheduler's plan": min(free_report.validation_losses[:4])}
+    assert race == pytest.approx(probe_best, rel=1e-12)
+    assert len(report.alternative["validation_losses"]) == 4  # the loser stopped after the probe
+    if winner.startswith("free rows from"):
+        assert race["free rows from the scheduler's plan"] <= race["consistent (full)"]
+        assert report.validation_tuned == pytest.approx(free_report.validation_tuned, rel=1e-12)
+        np.testing.assert_allclose(plan.coef, free.coef, rtol=1e-12, atol=1e-15)
+    else:
+        assert race["consistent (full)"] < race["free rows from the scheduler's plan"]
+        assert report.start["stage"] == "consistent (full)"
+        assert report.start["validation_tuned"] == pytest.approx(full_report.validation_tuned, rel=1e-12)
+        # iteration 0 is the "full" fit's best parameters (the in-loop loss: model times not yet rounded)
+        best_full = full_report.validation_losses[full_report.best_iteration]
+        assert report.validation_losses[0] == pytest.approx(best_full, rel=1e-9)
+        assert report.validation_tuned <= full_report.validation_tuned
+    assert report.validation_tuned <= report.validation_base
     again, _ = learn_coefficients(s, model, noise, target, search, tmp_path / "ck.pt", progress=False)
     np.testing.assert_array_equal(again.coef, plan.coef)
+
+
+def test_a_fit_trained_in_parts_is_the_fit_trained_at_once():
+    """The race stops a fit after its probe and trains it on later: nothing is lost or repeated."""
+    s = UniPCScheduler(**SD)
+    s.set_timesteps(4)
+    model, noise = mixture(s.config, 16, 3)
+    target = teacher_trajectories(s, model, noise, TeacherSpec(steps=60), None, progress=False)[-1]
+    search = CoefficientSearch(**{**QUICK, "consistency": "none"})
+    whole, whole_report = CoefficientFit(s, model, noise, target, search, progress=False).train().finish()
+    fit = CoefficientFit(s, model, noise, target, search, progress=False).train(3).train(3).train(7)
+    assert len(fit.report.fit_losses) == 7 and not fit.done
+    parts, parts_report = fit.train().finish()
+    assert parts_report.fit_losses == whole_report.fit_losses
+    np.testing.assert_array_equal(parts.coef, whole.coef)

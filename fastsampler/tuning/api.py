@@ -203,7 +203,7 @@ def _tune_coefficients(student, fit_model, noise, reference, n, options: dict, c
 
 COEFFICIENT_OPTIONS = ("iters", "lr", "lr_time", "learn_timesteps", "loss", "slack", "patience", "lr_decays",
                        "validation_fraction", "consistency", "init", "init_evaluations", "fd_step",
-                       "support", "history")
+                       "support", "history", "probe")
 
 
 def _tune_s3(student, fit_model, noise, reference, n, options: dict, checkpoint_dir, progress, holdout, ctx):
@@ -260,7 +260,8 @@ def tune(scheduler, model, noise: torch.Tensor, num_inference_steps: int | Seque
     ``initial_step`` (``fastsampler.tuning.nelder_mead.NelderMeadSearch``). ``method="coefficients"``: ``iters``, ``lr``, ``lr_time``,
     ``learn_timesteps``, ``loss`` ("final" | "relaxed"), ``slack``, ``patience``, ``lr_decays``, ``validation_fraction``,
     ``consistency`` ("auto" | "full" | "none" | "data"), ``init`` ("base" | "nelder-mead"), ``init_evaluations``, ``fd_step``,
-    ``support`` ("history" | "base"), ``history`` (slots; None: every earlier prediction, up to 8)
+    ``support`` ("history" | "base"), ``history`` (slots; None: every earlier prediction, up to 8), ``probe``
+    (``consistency="auto"``: the iterations each of its two fits gets before the better one trains on)
     (``fastsampler.tuning.coefficients.CoefficientSearch``). ``method="s3"``: ``budget_evaluations``, ``budget_seconds``,
     ``warmup``, ``round_size``, ``keep``, ``max_order``, ``search_grid``, ``grid_power_range``, ``seed``,
     ``validate_top``, ``validation_fraction``, ``seed_timesteps``, ``refine_top``, ``storage``, ``scorer``
