@@ -352,7 +352,8 @@ def test_auto_consistency_races_the_consistent_fit_and_the_free_fit(tmp_path, se
     probe_best = {"consistent (full)": min(full_report.validation_losses[:4]),
                   "free rows from the scheduler's plan": min(free_report.validation_losses[:4])}
     assert race == pytest.approx(probe_best, rel=1e-12)
-    assert len(report.alternative["validation_losses"]) == 4  # the loser stopped after the probe
+    assert report.alternative["iterations"] == len(report.alternative["validation_losses"]) == 4  # the loser
+    assert report.alternative["stopped"] == "lost the race"
     if winner.startswith("free rows from"):
         assert race["free rows from the scheduler's plan"] <= race["consistent (full)"]
         assert report.validation_tuned == pytest.approx(free_report.validation_tuned, rel=1e-12)

@@ -106,14 +106,14 @@ class GridSpec:
             raise ValueError("`use_lu_lambdas` is not available with `use_flow_sigmas`")
 
 
-def _karras(rho_min: float, rho_max: float, n: int, power: float) -> np.ndarray:
+def karras_sigmas(rho_min: float, rho_max: float, n: int, power: float) -> np.ndarray:
     """ρ_i = (ρ_max^{1/p} + i/(n−1)·(ρ_min^{1/p} − ρ_max^{1/p}))^p (Karras et al. 2022, eq. 5)."""
     ramp = np.linspace(0.0, 1.0, n)
     lo, hi = rho_min ** (1 / power), rho_max ** (1 / power)
     return (hi + ramp * (lo - hi)) ** power
 
 
-def _beta_sigmas(rho_min: float, rho_max: float, n: int, a: float = 0.6, b: float = 0.6) -> np.ndarray:
+def beta_sigmas(rho_min: float, rho_max: float, n: int, a: float = 0.6, b: float = 0.6) -> np.ndarray:
     """ρ_i = ρ_min + F⁻¹_Beta(a,b)(1 − i/(n−1))·(ρ_max − ρ_min) ("Beta sampling is all you need")."""
     import scipy.stats
 
@@ -126,10 +126,10 @@ def _sigma_spacing(spec: GridSpec, lo: float, hi: float, n: int) -> np.ndarray:
         raise ValueError(f"the grid's smallest noise level ({lo:g}, `sigma_min`) must be below its largest "
                          f"({hi:g}, `sigma_max`)")
     if spec.use_karras_sigmas:
-        return _karras(lo, hi, n, spec.karras_rho)
+        return karras_sigmas(lo, hi, n, spec.karras_rho)
     if spec.use_exponential_sigmas:
         return np.exp(np.linspace(math.log(hi), math.log(lo), n))
-    return _beta_sigmas(lo, hi, n)
+    return beta_sigmas(lo, hi, n)
 
 
 def _spaced_timesteps(spec: GridSpec, n: int, last_timestep: int, num_train_timesteps: int) -> np.ndarray:

@@ -379,6 +379,7 @@ class CoefficientFit:
                 report.validation_start = report.validation_losses[0] if report.validation_losses else math.nan
         ctx.barrier()  # every process has read the checkpoint before the first writes it
         report.stopped = f"iteration limit ({search.iters})"
+        self.limit = report.stopped
 
     @property
     def best_loss(self) -> float:
@@ -392,6 +393,7 @@ class CoefficientFit:
         last = search.iters + 1 if until is None else min(until, search.iters + 1)
         if self.done or self.next >= last:
             return self
+        report.stopped = self.limit
         bar = progress_bars.bar(range(self.next, last), desc=f"coefficients ({param.base.num_steps} steps)",
                                 enabled=self.progress)
         for it in bar:
@@ -433,6 +435,9 @@ class CoefficientFit:
             self.next = it + 1
             self._save()
         self.done = self.done or self.next > search.iters
+        if not self.done:
+            report.stopped = f"stopped after {self.next} iterations (more to come)"
+        report.iterations, report.best_iteration = len(report.fit_losses), self.best["iteration"]
         return self
 
     def _save(self) -> None:
@@ -493,7 +498,7 @@ def _learn_auto(scheduler, model: Callable, noise: torch.Tensor, target: torch.T
     if from_base.best_loss <= consistent.best_loss:
         plan, report = from_base.train().finish()
         report.stage = "free rows from the scheduler's plan"
-        report.alternative = {**asdict(consistent.report), "stage": "consistent (full), stopped after the probe"}
+        report.alternative = {**asdict(consistent.report), "stage": "consistent (full)", "stopped": "lost the race"}
         report.model_evaluations += consistent.report.model_evaluations
     else:
         full_plan, full = consistent.train().finish()
@@ -501,8 +506,8 @@ def _learn_auto(scheduler, model: Callable, noise: torch.Tensor, target: torch.T
                                       ctx).train().finish()
         report.start = asdict(replace(full, stage="consistent (full)"))
         report.stage = "free rows continuing the consistent fit"
-        report.alternative = {**asdict(from_base.report), "stage": "free rows from the scheduler's plan, stopped "
-                                                                   "after the probe"}
+        report.alternative = {**asdict(from_base.report), "stage": "free rows from the scheduler's plan",
+                              "stopped": "lost the race"}
         report.model_evaluations += full.model_evaluations + from_base.report.model_evaluations
     report.race = probe
     report.seconds = time.perf_counter() - began
