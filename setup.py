@@ -41,7 +41,10 @@ setup(
         # notebooks/: jupytext turns the percent scripts into notebooks, nbclient runs them on an ipykernel kernel,
         # JupyterLab opens them
         "notebooks": NOTEBOOKS,
-        "test": ["pytest>=7,<10", TRITON, TORCHMETRICS, *PIPELINES, *NOTEBOOKS_RUN],
+        # hypothesis: property tests; torchsde / torchdiffeq: k-diffusion's sampling module, the reference of
+        # fastsampler.k_diffusion (k-diffusion itself goes in with --no-deps: its torchvision has no CPU build here)
+        "test": ["pytest>=7,<10", "hypothesis>=6.100,<7", "torchsde>=0.2.6,<0.3", "torchdiffeq>=0.2.4,<0.3", TRITON,
+                 TORCHMETRICS, *PIPELINES, *NOTEBOOKS_RUN],
     },
     entry_points={"console_scripts": ["fastsampler=fastsampler.cli:main"]},
 )

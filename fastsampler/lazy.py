@@ -31,6 +31,7 @@ LAZY_ATTRIBUTES: dict[str, str] = {
     "Plan": "fastsampler.plans.format",
     "eval": "fastsampler.eval",
     "tuning": "fastsampler.tuning",
+    "k_diffusion": "fastsampler.k_diffusion",
     "cli": "fastsampler.cli",
     "shipped": "fastsampler.shipped",
     "DigitsConditionalPipeline": "fastsampler.eval.cond_pipeline",

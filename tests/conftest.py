@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 sys.path.insert(0, os.path.dirname(__file__))
 
 
-VERSIONED = ("torch", "diffusers", "transformers", "triton", "torchmetrics", "optuna", "numpy")
+VERSIONED = ("torch", "diffusers", "transformers", "triton", "torchmetrics", "optuna", "numpy", "k-diffusion")
 
 
 def installed_versions() -> str:

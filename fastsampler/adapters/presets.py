@@ -86,8 +86,9 @@ class DCSolverScheduler(UniPCScheduler):
     plain UniPC, and says so once.
     """
 
-    def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None, sigmas=None, mu=None) -> None:
-        super().set_timesteps(num_inference_steps, device, timesteps, sigmas, mu)
+    def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None, sigmas=None, mu=None,
+                      final_sigma=None) -> None:
+        super().set_timesteps(num_inference_steps, device, timesteps, sigmas, mu, final_sigma)
         c = self.config
         tuned = num_inference_steps in self._plans
         if not tuned and not (c.dc_ratios or c.dc_ratios_file or c.dc_cpr_file) and not getattr(self, "_warned", False):

@@ -105,7 +105,7 @@ class S3Scheduler(PlanScheduler):
     # Grid -----------------------------------------------------------------------------------------------
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
                       timesteps: Sequence[float] | None = None, sigmas: Sequence[float] | None = None,
-                      mu: float | None = None) -> None:
+                      mu: float | None = None, final_sigma: float | None = None) -> None:
         """As ``PlanScheduler.set_timesteps``; with a fixed ``usf_schedule`` the number of steps must be the
         schedule's, and its time points (if any) make the grid unless ``timesteps`` / ``sigmas`` are given."""
         schedule = self._usf_schedule
@@ -121,7 +121,7 @@ class S3Scheduler(PlanScheduler):
                 num_inference_steps, sigmas = None, list(schedule.sigmas)
             else:
                 num_inference_steps = n
-        super().set_timesteps(num_inference_steps, device, timesteps, sigmas, mu)
+        super().set_timesteps(num_inference_steps, device, timesteps, sigmas, mu, final_sigma)
 
     # Released schedules ---------------------------------------------------------------------------------
     @classmethod

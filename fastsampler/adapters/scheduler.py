@@ -381,12 +381,14 @@ class PlanScheduler(TimeShiftMixin, SchedulerMixin, ConfigMixin):
         timesteps: Sequence[float] | None = None,
         sigmas: Sequence[float] | None = None,
         mu: float | None = None,
+        final_sigma: float | None = None,
     ) -> None:
         """Build the grid and the whole coefficient plan (float64, CPU), or take the plan installed for
         ``num_inference_steps`` (``set_plan`` / a tuned scheduler folder); reset all per-run state.
 
         Exactly one of ``num_inference_steps``, ``timesteps`` (model timesteps, decreasing) and ``sigmas``
         (VP: σ/α, flow: the noise level before shifting; decreasing; a trailing 0 is taken as the final level).
+        ``final_sigma`` (with ``sigmas``): the level the last step lands on, not a node (k-diffusion's last sigma).
         ``mu`` is the dynamic shift (Flux, SD3): flow_shift = e^μ; it needs ``use_dynamic_shifting=True``.
         With ``device`` the fused kernel's coefficient table is uploaded there now, not in the first ``step()``.
         """
@@ -408,6 +410,8 @@ class PlanScheduler(TimeShiftMixin, SchedulerMixin, ConfigMixin):
                 c.use_karras_sigmas or c.use_exponential_sigmas or c.use_beta_sigmas or c.use_lu_lambdas):
             raise ValueError("custom `timesteps`/`sigmas` cannot be combined with use_karras_sigmas / "
                              "use_exponential_sigmas / use_beta_sigmas / use_lu_lambdas")
+        if final_sigma is not None and sigmas is None:
+            raise ValueError("`final_sigma` goes with `sigmas` (the level their last step lands on)")
         if mu is not None:
             if not (c.use_flow_sigmas and c.use_dynamic_shifting):
                 raise ValueError("`mu` (dynamic shifting) needs `use_flow_sigmas=True` and `use_dynamic_shifting=True`")
@@ -425,10 +429,12 @@ class PlanScheduler(TimeShiftMixin, SchedulerMixin, ConfigMixin):
                  f"{', '.join(map(str, sorted(self._plans)))}); sampling with the untuned solver instead",
                  UntunedStepsWarning)
         if c.use_flow_sigmas:
-            grid = flow_grid(self._grid_spec(), c.num_train_timesteps, num_inference_steps, timesteps, sigmas, mu)
+            grid = flow_grid(self._grid_spec(), c.num_train_timesteps, num_inference_steps, timesteps, sigmas, mu,
+                             final_sigma)
             self._flow_shift = math.exp(mu) if mu is not None else float(c.flow_shift)
         else:
-            grid = vp_grid(self._noise_schedule, self._grid_spec(), num_inference_steps, timesteps, sigmas)
+            grid = vp_grid(self._noise_schedule, self._grid_spec(), num_inference_steps, timesteps, sigmas,
+                           final_sigma)
         self._install(self._compiled_plan(grid, mu), device)
 
     @staticmethod

@@ -26,6 +26,13 @@ def x0_coefficients(prediction_type: str, alpha: float, sigma: float) -> tuple[f
     raise ValueError(f"`prediction_type` must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
 
 
+def output_from_x0(prediction_type: str, alpha: float, sigma: float) -> tuple[float, float]:
+    """(a, b) with out = a·x + b·x̂₀: the model output that ``prediction_type`` would give for the data prediction
+    x̂₀ (inverts ``x0_coefficients``; c_o ≠ 0 wherever σ > 0)."""
+    cx, co = x0_coefficients(prediction_type, alpha, sigma)
+    return -cx / co, 1.0 / co
+
+
 def eps_coefficients(prediction_type: str, alpha: float, sigma: float) -> tuple[float, float]:
     """(c_x, c_o) with ε̂ = c_x·x + c_o·out."""
     if prediction_type == "epsilon":

@@ -156,6 +156,16 @@ def _check_custom(values: Sequence[float], name: str, lo: float, hi: float) -> n
     return arr
 
 
+def _check_final(final_sigma: float | None, levels: np.ndarray) -> float | None:
+    """``final_sigma`` (or None) checked against the custom levels it ends: ≥ 0 and below the last of them."""
+    if final_sigma is None:
+        return None
+    final = float(final_sigma)
+    if not (math.isfinite(final) and 0.0 <= final < levels[-1]):
+        raise ValueError(f"`final_sigma` must be ≥ 0 and below the last of `sigmas` ({levels[-1]}), got {final_sigma!r}")
+    return final
+
+
 @dataclass(frozen=True)
 class _VP:
     """A VP schedule as the grid functions need it: ρ at model time t, t at ρ, the grid's ρ range."""
@@ -269,8 +279,10 @@ def vp_grid(
     num_inference_steps: int | None = None,
     timesteps: Sequence[float] | None = None,
     sigmas: Sequence[float] | None = None,
+    final_sigma: float | None = None,
 ) -> Grid:
-    """A grid for a VP model. Exactly one of ``num_inference_steps``, ``timesteps``, ``sigmas``."""
+    """A grid for a VP model. Exactly one of ``num_inference_steps``, ``timesteps``, ``sigmas``; with ``sigmas``,
+    ``final_sigma`` is the level the last step lands on (default: a trailing 0, else ``final_sigmas_type``)."""
     vp = _VP(schedule, spec)
     if timesteps is not None:
         ts = _check_custom(timesteps, "timesteps", 0, vp.T - 1 if vp.discrete else vp.T)
@@ -279,8 +291,8 @@ def vp_grid(
         return vp.at_timesteps(ts)
     if sigmas is not None:
         rhos = _check_custom(sigmas, "sigmas", 0.0, math.inf)
-        final = None
-        if rhos[-1] == 0.0:
+        final = _check_final(final_sigma, rhos)
+        if final is None and rhos[-1] == 0.0:
             rhos, final = rhos[:-1], 0.0
         if len(rhos) == 0:
             raise ValueError("`sigmas` needs at least one positive entry")
@@ -303,8 +315,10 @@ def flow_grid(
     timesteps: Sequence[float] | None = None,
     sigmas: Sequence[float] | None = None,
     mu: float | None = None,
+    final_sigma: float | None = None,
 ) -> Grid:
-    """A grid for a flow-matching model (α = 1 − s, σ = s); timesteps are s·T as floats."""
+    """A grid for a flow-matching model (α = 1 − s, σ = s); timesteps are s·T as floats. With ``sigmas``,
+    ``final_sigma`` is the level (before shifting) the last step lands on, as in ``vp_grid``."""
     T = num_train_timesteps
     if spec.use_dynamic_shifting and mu is None:
         raise ValueError("`mu` must be passed to `set_timesteps` when `use_dynamic_shifting=True`")
@@ -321,8 +335,11 @@ def flow_grid(
             s, final = s[:-1], 0.0
     elif sigmas is not None:
         s = _check_custom(sigmas, "sigmas", 0.0, 1.0)
-        if s[-1] == 0.0:
+        final = _check_final(final_sigma, s)
+        if final is None and s[-1] == 0.0:
             s, final = s[:-1], 0.0
+        elif final is not None:
+            final = float(shift(np.array([final]))[0]) if final > 0 else 0.0
         s = shift(s)
     else:
         n = num_inference_steps

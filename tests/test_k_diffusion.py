@@ -1,0 +1,243 @@
+"""``fastsampler.k_diffusion``: k-diffusion-style sampler functions on our plan engine, checked against k-diffusion
+itself, against diffusers' schedulers driven with the same sigmas, and on a tuned plan."""
+
+from __future__ import annotations
+
+import math
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+
+import fastsampler
+import fastsampler.k_diffusion as fk
+from fastsampler.eval import bench
+from kdiffusion_reference import k_sampling
+
+SIGMAS = {"karras-8": lambda: fk.get_sigmas_karras(8, 0.03, 14.6, dtype=torch.float64),
+          "ays-10": lambda: fk.get_sigmas_ays(10, dtype=torch.float64),
+          "exponential-5": lambda: fk.get_sigmas_exponential(5, 0.05, 20.0, dtype=torch.float64)}
+
+
+class Denoiser:
+    """The exact D(x, σ) = E[x₀ | x₀ + σ ε = x] of the digits mixture, k-diffusion's model contract; counts calls."""
+
+    def __init__(self, guidance: float | None = None, batch: int = 8):
+        self.setup = bench.BenchSetup("sd", None, guidance, batch, 0)
+        self.denoiser = self.setup.denoiser()
+        self.calls: list[float] = []
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        assert sigma.shape == (x.shape[0],)
+        self.calls.append(float(sigma[0]))
+        flat = self.denoiser(x.reshape(x.shape[0], -1), 1.0, sigma.reshape(-1, 1).double())
+        return flat.reshape(x.shape)
+
+    def noise(self) -> torch.Tensor:
+        return self.setup.noise().double()
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float) -> None:
+    assert torch.isfinite(a).all()
+    assert float((a - b).abs().max()) <= tol * float(b.abs().max()), float((a - b).abs().max())
+
+
+@pytest.mark.parametrize("sigmas", sorted(SIGMAS))
+def test_the_functions_are_k_diffusions_samplers(sigmas):
+    """Euler, DPM-Solver++ 2M, 3M (k-diffusion's 3M SDE at η = 0), 2S (2S ancestral at η = 0) and the 2M SDE
+    (η = 1, both solver types, the same noise) give k-diffusion's samples, and call the model and the callback
+    as it does."""
+    ks = k_sampling()
+    model, sig = Denoiser(), SIGMAS[sigmas]()
+    x = model.noise() * sig[0]
+    pairs = [(fk.sample_euler, ks.sample_euler, {}, {}), (fk.sample_dpmpp_2m, ks.sample_dpmpp_2m, {}, {}),
+             (fk.sample_dpmpp_3m, ks.sample_dpmpp_3m_sde, {}, {"eta": 0.0}),
+             (fk.sample_dpmpp_2s, ks.sample_dpmpp_2s_ancestral, {}, {"eta": 0.0})]
+    for ours, theirs, ours_options, their_options in pairs:
+        runs = []
+        for function, options in ((ours, ours_options), (theirs, their_options)):
+            seen: list[tuple] = []
+            model.calls = []
+            out = function(model, x, sig, callback=lambda d: seen.append((d["i"], float(d["sigma"]), sorted(d))),
+                           disable=True, **options)
+            runs.append((out, seen, list(model.calls)))
+        _close(runs[0][0], runs[1][0], 1e-10)
+        assert runs[0][1] == runs[1][1] and runs[0][2] == pytest.approx(runs[1][2], rel=1e-12)
+    z = [torch.randn(x.shape, generator=torch.Generator().manual_seed(k), dtype=x.dtype) for k in range(len(sig))]
+    for solver_type in ("midpoint", "heun"):
+        outs = []
+        for function in (fk.sample_dpmpp_2m_sde, ks.sample_dpmpp_2m_sde):
+            draws = iter(z)
+            outs.append(function(model, x, sig, disable=True, solver_type=solver_type,
+                                 noise_sampler=lambda s, s_next: next(draws)))
+        _close(outs[0], outs[1], 1e-10)
+
+
+def _drive(scheduler, model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """A diffusers scheduler (prediction_type="sample") stepped through ``sigmas`` (the last one the final level):
+    its ``sigmas`` table replaced, its VP sample x α with α = 1/√(1 + σ²)."""
+    scheduler.set_timesteps(len(sigmas) - 1)
+    scheduler.sigmas = sigmas.double().clone()
+    alpha = 1.0 / torch.sqrt(1.0 + sigmas.double() ** 2)
+    state = x * alpha[0]
+    for i, t in enumerate(scheduler.timesteps):
+        state = scheduler.step(model(state / alpha[i], sigmas[i] * torch.ones(x.shape[0], dtype=x.dtype)), t,
+                               state).prev_sample
+    return state / alpha[-1]
+
+
+DIFFUSERS = [  # ours, our options, diffusers' class, its config (besides prediction_type="sample")
+    (fk.sample_dpmpp_2m, {}, "DPMSolverMultistepScheduler", dict(solver_order=2, lower_order_final=False)),
+    (fk.sample_dpmpp_3m, {}, "DPMSolverMultistepScheduler", dict(solver_order=3, solver_type="heun",
+                                                                 lower_order_final=False)),
+    (fk.sample_unipc, {}, "UniPCMultistepScheduler", dict(solver_order=3, solver_type="bh1")),
+    (fk.sample_unipc_bh2, {}, "UniPCMultistepScheduler", dict(solver_order=3, solver_type="bh2")),
+    (fk.sample_unipc, {"solver_order": 2}, "UniPCMultistepScheduler", dict(solver_order=2, solver_type="bh1")),
+    (fk.sample_deis, {}, "DEISMultistepScheduler", dict(solver_order=3)),
+    (fk.sample_deis, {"lower_order_final": False}, "DEISMultistepScheduler", dict(solver_order=3,
+                                                                                  lower_order_final=False)),
+]
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")  # diffusers' DEIS at σ = 0
+@pytest.mark.parametrize("final", ["sigma_min", "zero"])
+@pytest.mark.parametrize("case", range(len(DIFFUSERS)))
+def test_the_functions_match_diffusers_schedulers_on_the_same_sigmas(case, final):
+    """Each function against diffusers' own scheduler stepped through the same sigmas, ≤ 1e-5. Sigmas that end
+    at σ_min > 0 (the last is the final level, not a node) for every solver; ending in 0 where diffusers is
+    finite there (its UniPC bh1 and DEIS divide by log 0 and give NaN: ours must stay finite)."""
+    ours, options, name, config = DIFFUSERS[case]
+    model = Denoiser()
+    for build in SIGMAS.values():
+        sig = build() if final == "zero" else build()[:-1]
+        x = model.noise() * sig[0]
+        got = ours(model, x, sig, disable=True, **options)
+        diffusers_final = "zero" if final == "zero" else "sigma_min"
+        extra = {} if name == "DEISMultistepScheduler" else {"final_sigmas_type": diffusers_final}
+        want = _drive(getattr(diffusers, name)(prediction_type="sample", **config, **extra), model, x, sig)
+        if final == "zero" and not torch.isfinite(want).all():
+            assert torch.isfinite(got).all() and (name == "DEISMultistepScheduler" or config["solver_type"] == "bh1")
+            continue
+        _close(got, want, 1e-5)
+
+
+def test_flow_models_take_flow_sigmas():
+    """``flow=True``: x = (1 − σ) x₀ + σ ε, sigmas from 1 to 0. Euler is the same update in both forms (k-diffusion's
+    ``sample_euler`` is right for flow models); DPM-Solver++ in flow λ = log((1 − σ)/σ) converges to the
+    many-step solution at second order."""
+    ks = k_sampling()
+    model = Denoiser()
+    sig = torch.linspace(0.98, 0.0, 9, dtype=torch.float64)
+    x = model.noise() * sig[0]
+    flow_model = FlowDenoiser(model)
+    _close(fk.sample_euler(flow_model, x, sig, disable=True, flow=True),
+           ks.sample_euler(flow_model, x, sig, disable=True), 1e-10)
+    reference = fk.sample_dpmpp_3m(flow_model, x, torch.linspace(0.98, 0.0, 401, dtype=torch.float64),
+                                   disable=True, flow=True)
+    errors = [float((fk.sample_dpmpp_2m(flow_model, x, torch.linspace(0.98, 0.0, n + 1, dtype=torch.float64),
+                                        disable=True, flow=True) - reference).abs().max()) for n in (20, 40)]
+    assert errors[1] < errors[0] / 3.0
+
+
+class FlowDenoiser:
+    """The digits mixture as a flow model: D(x, s) for x = (1 − s) x₀ + s ε."""
+
+    def __init__(self, model: Denoiser):
+        self.model = model
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        s = sigma.reshape(-1, 1).double()
+        flat = self.model.denoiser(x.reshape(x.shape[0], -1), 1.0 - s, s)
+        return flat.reshape(x.shape)
+
+
+def test_extra_args_reach_the_model_and_bad_sigmas_are_named():
+    model = Denoiser()
+    seen = []
+
+    def conditioned(x, sigma, cond=None):
+        seen.append(cond)
+        return model(x, sigma)
+
+    sig = fk.get_sigmas_karras(4, 0.05, 10.0, dtype=torch.float64)
+    x = model.noise() * sig[0]
+    fk.sample_unipc(conditioned, x, sig, extra_args={"cond": "c"}, disable=True)
+    assert seen == ["c"] * 4
+    for bad in (torch.tensor([10.0, 10.0, 0.0]), torch.tensor([1.0, 2.0, 0.0]), torch.tensor([5.0]),
+                torch.tensor([[5.0, 0.0]]), torch.tensor([5.0, float("nan"), 0.0]), torch.tensor([5.0, -1.0])):
+        with pytest.raises(ValueError, match="sigmas"):
+            fk.sample_dpmpp_2m(model, x, bad, disable=True)
+    with pytest.raises(ValueError, match="time_shift"):
+        fk.sample_unipc(model, x, sig, disable=True, time_shift=True)
+
+
+def test_a_tuned_plan_runs_from_its_folder_on_its_own_sigmas(tmp_path):
+    """A scheduler tuned by ``fastsampler.tune`` and saved: ``get_sigmas_pretrained`` gives its plan's levels,
+    ``sample_pretrained`` on them reproduces the tuned scheduler's own run (in its model's ε form and integer
+    time; the mixture's σ table is float64, the scheduler's float32 as in training: 4e-7 apart), and other sigmas
+    are refused. (Learned time points are continuous levels; the model gets the nearest integer timestep in a
+    pipeline and in ComfyUI, which quantizes t, and the exact level in k-diffusion's default wrappers.)"""
+    from test_tuning import SD, mixture
+
+    base = fastsampler.UniPCScheduler(**SD)
+    eps_model, noise = mixture(base.config, 16, 3)
+    tuned = fastsampler.tune(base, eps_model, noise, 5, method="coefficients", cache_dir=None, progress=False,
+                             teacher="dpmsolver++3:40", teacher_check=False, iters=6, patience=50, init="base",
+                             learn_timesteps=False)
+    tuned.save_pretrained(tmp_path)
+    sig = fk.get_sigmas_pretrained(tmp_path, 5, dtype=torch.float64)
+    tuned.set_timesteps(5)
+    np.testing.assert_allclose(sig.numpy(), tuned.plan.rho, rtol=1e-12)
+    assert sig[-1] == 0 and len(sig) == 6
+    x = noise[:8]
+    native = x.clone()
+    for t in tuned.timesteps:
+        native = tuned.step(eps_model(native, t), t, native).prev_sample
+    model = Denoiser(batch=8)
+    alpha0 = float(tuned.plan.alpha[0])
+    got = fk.sample_pretrained(model, x / alpha0, sig, path=tmp_path, disable=True)
+    _close(got, native, 1e-5)
+    with pytest.raises(ValueError, match="get_sigmas_scheduler"):
+        fk.sample_pretrained(model, x, fk.get_sigmas_karras(5, 0.03, 14.6), path=tmp_path, disable=True)
+    with pytest.raises(ValueError, match="scheduler_config.json"):
+        fk.get_sigmas_pretrained(tmp_path / "nothing", 5)
+
+
+def test_plug_ins_are_keyword_options():
+    """A plug-in passes through as a keyword (here heavy-ball momentum): it changes the samples as it does in the
+    scheduler, and the plain call stays the scheduler's own plan."""
+    model = Denoiser()
+    sig = fk.get_sigmas_karras(6, 0.03, 14.6, dtype=torch.float64)
+    x = model.noise() * sig[0]
+    plain = fk.sample_dpmpp_2m(model, x, sig, disable=True)
+    with_momentum = fk.sample_dpmpp_2m(model, x, sig, disable=True, momentum="hb", momentum_beta=0.8)
+    assert float((plain - with_momentum).abs().max()) > 1e-4
+    scheduler = fk.scheduler_for(fastsampler.DPMSolverPlusPlusScheduler, False, solver_order=2,
+                                 lower_order_final=False, momentum="hb", momentum_beta=0.8)
+    _close(fk.sample_scheduler(model, x, sig, disable=True, scheduler=scheduler), with_momentum, 1e-12)
+
+
+@pytest.mark.parametrize("function, scheduler_class, config", [
+    (fk.sample_unipc, "UniPCScheduler", dict(solver_order=3, solver_type="bh1")),
+    (fk.sample_dpmpp_2m, "DPMSolverPlusPlusScheduler", dict(solver_order=2, lower_order_final=False)),
+    (fk.sample_deis, "DEISScheduler", dict(solver_order=3))])
+def test_the_digits_network_as_a_k_diffusion_denoiser_samples_as_in_its_pipeline(function, scheduler_class, config):
+    """The embedded digits DDPM wrapped by ``DiffusersDenoiser`` (ComfyUI's quantized model time) and sampled by
+    the k-diffusion function along the scheduler's own Karras sigmas gives the scheduler's pipeline samples
+    (the UNet called at the same integer timesteps), ≤ 1e-5."""
+    from diffusers import DDPMPipeline
+
+    pipe = DDPMPipeline.from_pretrained(fastsampler.assets("digits"))
+    scheduler = getattr(fastsampler, scheduler_class).from_config(pipe.scheduler.config, use_karras_sigmas=True,
+                                                                  **config)
+    scheduler.set_timesteps(8)
+    noise = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        native = noise.clone()
+        for t in scheduler.timesteps:
+            native = scheduler.step(pipe.unet(native, t).sample, t, native).prev_sample
+        model = fk.DiffusersDenoiser(pipe.unet, pipe.scheduler.config, quantize=True)
+        sigmas = fk.get_sigmas_scheduler(scheduler, 8)
+        got = function(model, noise * sigmas[0] * math.sqrt(1 + 1 / float(sigmas[0]) ** 2), sigmas, disable=True)
+    _close(got, native, 1e-5)
