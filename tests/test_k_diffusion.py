@@ -241,3 +241,19 @@ def test_the_digits_network_as_a_k_diffusion_denoiser_samples_as_in_its_pipeline
         sigmas = fk.get_sigmas_scheduler(scheduler, 8)
         got = function(model, noise * sigmas[0] * math.sqrt(1 + 1 / float(sigmas[0]) ** 2), sigmas, disable=True)
     _close(got, native, 1e-5)
+
+
+def test_the_readme_section_runs_and_names_only_what_exists():
+    """The README's k-diffusion example runs as written; the ComfyUI lines (ComfyUI is not installable here)
+    compile and call only functions of ``fastsampler.k_diffusion`` that exist and that the tests above run."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Use it from k-diffusion / ComfyUI", 1)[1].split("\n## ", 1)[0]
+    example, comfy = re.findall(r"```python\n(.*?)```", section, flags=re.S)[:2]
+    exec(compile(example, "README example", "exec"), {})
+    compile(comfy, "README ComfyUI lines", "exec")
+    used = set(re.findall(r"\bK\.(\w+)", comfy + example))
+    assert used and all(hasattr(fk, name) for name in used), used
+    assert {"sample_unipc", "sample_pretrained", "get_sigmas_pretrained"} <= used

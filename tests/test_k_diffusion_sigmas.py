@@ -139,3 +139,24 @@ def test_bad_arguments_are_named():
                        (lambda: fk.get_sigmas_ays(2.5), "`n`")):
         with pytest.raises(ValueError, match=name):
             call()
+
+
+def test_ays_is_a_grid_option_of_our_schedulers():
+    """``use_ays_sigmas="sd1"`` on Stable Diffusion's config: at 10 steps the published AYS timesteps, at 7 the
+    interpolated levels; conflicting or flow configs are refused by name."""
+    from diffusers.schedulers.scheduling_utils import AysSchedules
+
+    sd = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    for cls in (fastsampler.UniPCScheduler, fastsampler.DPMSolverPlusPlusScheduler, fastsampler.DEISScheduler):
+        scheduler = cls(**sd, use_ays_sigmas="sd1")
+        scheduler.set_timesteps(10)
+        assert scheduler.timesteps.tolist() == AysSchedules["StableDiffusionTimesteps"]
+        np.testing.assert_allclose(scheduler.sigmas.double().numpy(), ays_sigmas(10, "sd1"), rtol=1e-6)
+        scheduler.set_timesteps(7)
+        np.testing.assert_allclose(scheduler.sigmas.double().numpy(), ays_sigmas(7, "sd1"), rtol=1e-6)
+    for config, name in ((dict(use_ays_sigmas="sd3"), "use_ays_sigmas"),
+                         (dict(use_ays_sigmas="sd1", use_karras_sigmas=True), "use_ays_sigmas"),
+                         (dict(use_ays_sigmas="sdxl", use_flow_sigmas=True, prediction_type="flow_prediction"),
+                          "use_ays_sigmas")):
+        with pytest.raises(ValueError, match=name):
+            fastsampler.UniPCScheduler(**config)

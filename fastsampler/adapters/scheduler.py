@@ -124,6 +124,7 @@ class PlanScheduler(TimeShiftMixin, SchedulerMixin, ConfigMixin):
         use_exponential_sigmas: bool = False,
         use_beta_sigmas: bool = False,
         use_lu_lambdas: bool = False,
+        use_ays_sigmas: str | None = None,
         use_flow_sigmas: bool = False,
         flow_shift: float = 1.0,
         flow_respacing: str | None = None,
@@ -277,7 +278,8 @@ class PlanScheduler(TimeShiftMixin, SchedulerMixin, ConfigMixin):
         return GridSpec(
             timestep_spacing=c.timestep_spacing, steps_offset=c.steps_offset, use_karras_sigmas=c.use_karras_sigmas,
             karras_rho=c.karras_rho, use_exponential_sigmas=c.use_exponential_sigmas,
-            use_beta_sigmas=c.use_beta_sigmas, use_lu_lambdas=c.use_lu_lambdas, use_flow_sigmas=c.use_flow_sigmas,
+            use_beta_sigmas=c.use_beta_sigmas, use_lu_lambdas=c.use_lu_lambdas, use_ays_sigmas=c.use_ays_sigmas,
+            use_flow_sigmas=c.use_flow_sigmas,
             flow_shift=c.flow_shift, use_dynamic_shifting=c.use_dynamic_shifting,
             final_sigmas_type=c.final_sigmas_type, lambda_min_clipped=c.lambda_min_clipped, sigma_min=c.sigma_min,
             sigma_max=c.sigma_max, flow_grid=self._flow_grid, round_timesteps=c.beta_schedule != "squaredcos_cap_v2",
@@ -407,9 +409,10 @@ class PlanScheduler(TimeShiftMixin, SchedulerMixin, ConfigMixin):
                                  f"`num_train_timesteps` ({c.num_train_timesteps})")
             num_inference_steps = int(num_inference_steps)
         if (timesteps is not None or sigmas is not None) and (
-                c.use_karras_sigmas or c.use_exponential_sigmas or c.use_beta_sigmas or c.use_lu_lambdas):
+                c.use_karras_sigmas or c.use_exponential_sigmas or c.use_beta_sigmas or c.use_lu_lambdas
+                or c.use_ays_sigmas):
             raise ValueError("custom `timesteps`/`sigmas` cannot be combined with use_karras_sigmas / "
-                             "use_exponential_sigmas / use_beta_sigmas / use_lu_lambdas")
+                             "use_exponential_sigmas / use_beta_sigmas / use_lu_lambdas / use_ays_sigmas")
         if final_sigma is not None and sigmas is None:
             raise ValueError("`final_sigma` goes with `sigmas` (the level their last step lands on)")
         if mu is not None:

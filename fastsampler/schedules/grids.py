@@ -72,6 +72,7 @@ class GridSpec:
     use_exponential_sigmas: bool = False
     use_beta_sigmas: bool = False
     use_lu_lambdas: bool = False
+    use_ays_sigmas: str | None = None  # Align Your Steps for "sd1" / "sdxl" / "svd" (fastsampler.schedules.ays)
     use_flow_sigmas: bool = False
     flow_shift: float = 1.0
     use_dynamic_shifting: bool = False
@@ -94,8 +95,8 @@ class GridSpec:
             raise ValueError(f"`timestep_spacing` must be one of {TIMESTEP_SPACINGS}, got {self.timestep_spacing!r}")
         if self.final_sigmas_type not in FINAL_SIGMAS_TYPES:
             raise ValueError(f"`final_sigmas_type` must be one of {FINAL_SIGMAS_TYPES}, got {self.final_sigmas_type!r}")
-        chosen = [n for n in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas")
-                  if getattr(self, n)]
+        chosen = [n for n in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
+                              "use_ays_sigmas") if getattr(self, n)]
         if len(chosen) > 1:
             raise ValueError(f"only one of {chosen} can be set")
         if self.karras_rho <= 0:
@@ -104,6 +105,14 @@ class GridSpec:
             raise ValueError(f"`flow_shift` must be positive, got {self.flow_shift}")
         if self.use_flow_sigmas and self.use_lu_lambdas:
             raise ValueError("`use_lu_lambdas` is not available with `use_flow_sigmas`")
+        if self.use_ays_sigmas is not None:
+            from fastsampler.schedules.ays import AYS_MODELS
+
+            if self.use_ays_sigmas not in AYS_MODELS:
+                raise ValueError(f"`use_ays_sigmas` must be one of {AYS_MODELS} (or None), got {self.use_ays_sigmas!r}")
+            if self.use_flow_sigmas:
+                raise ValueError("`use_ays_sigmas` holds VP / EDM noise levels; it is not available with "
+                                 "`use_flow_sigmas`")
 
 
 def karras_sigmas(rho_min: float, rho_max: float, n: int, power: float) -> np.ndarray:
@@ -259,7 +268,17 @@ def _vp_spaced(vp: _VP, n: int) -> Grid:
     return vp.at_timesteps(ts)
 
 
+def _vp_ays(vp: _VP, n: int) -> Grid:
+    """Align Your Steps: the published levels of ``use_ays_sigmas``, log-linearly interpolated to n steps, ending
+    in 0 (ρ beyond the model's range reach its nearest timestep)."""
+    from fastsampler.schedules.ays import ays_sigmas
+
+    return vp.at_sigmas(ays_sigmas(n, vp.spec.use_ays_sigmas)[:-1], vp.spec.round_timesteps, 0.0)
+
+
 def _vp_kind(spec: GridSpec) -> str:
+    if spec.use_ays_sigmas is not None:
+        return "ays"
     if spec.use_karras_sigmas or spec.use_exponential_sigmas or spec.use_beta_sigmas:
         return "sigma_spaced"
     if spec.use_lu_lambdas:
@@ -270,7 +289,7 @@ def _vp_kind(spec: GridSpec) -> str:
 
 
 _VP_GRIDS = {"sigma_spaced": _vp_sigma_spaced, "lu_lambdas": _vp_lu_lambdas, "uniform_lambda": _vp_uniform_lambda,
-             "time_quadratic": _vp_time_quadratic, "spaced": _vp_spaced}
+             "time_quadratic": _vp_time_quadratic, "spaced": _vp_spaced, "ays": _vp_ays}
 
 
 def vp_grid(
