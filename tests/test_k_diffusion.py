@@ -74,19 +74,6 @@ def test_the_functions_are_k_diffusions_samplers(sigmas):
         _close(outs[0], outs[1], 1e-10)
 
 
-def _drive(scheduler, model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-    """A diffusers scheduler (prediction_type="sample") stepped through ``sigmas`` (the last one the final level):
-    its ``sigmas`` table replaced, its VP sample x α with α = 1/√(1 + σ²)."""
-    scheduler.set_timesteps(len(sigmas) - 1)
-    scheduler.sigmas = sigmas.double().clone()
-    alpha = 1.0 / torch.sqrt(1.0 + sigmas.double() ** 2)
-    state = x * alpha[0]
-    for i, t in enumerate(scheduler.timesteps):
-        state = scheduler.step(model(state / alpha[i], sigmas[i] * torch.ones(x.shape[0], dtype=x.dtype)), t,
-                               state).prev_sample
-    return state / alpha[-1]
-
-
 DIFFUSERS = [  # ours, our options, diffusers' class, its config (besides prediction_type="sample")
     (fk.sample_dpmpp_2m, {}, "DPMSolverMultistepScheduler", dict(solver_order=2, lower_order_final=False)),
     (fk.sample_dpmpp_3m, {}, "DPMSolverMultistepScheduler", dict(solver_order=3, solver_type="heun",
@@ -115,7 +102,8 @@ def test_the_functions_match_diffusers_schedulers_on_the_same_sigmas(case, final
         got = ours(model, x, sig, disable=True, **options)
         diffusers_final = "zero" if final == "zero" else "sigma_min"
         extra = {} if name == "DEISMultistepScheduler" else {"final_sigmas_type": diffusers_final}
-        want = _drive(getattr(diffusers, name)(prediction_type="sample", **config, **extra), model, x, sig)
+        want = fk.sample_diffusers(model, x, sig, disable=True,
+                                   scheduler=getattr(diffusers, name)(prediction_type="sample", **config, **extra))
         if final == "zero" and not torch.isfinite(want).all():
             assert torch.isfinite(got).all() and (name == "DEISMultistepScheduler" or config["solver_type"] == "bh1")
             continue
@@ -170,6 +158,10 @@ def test_extra_args_reach_the_model_and_bad_sigmas_are_named():
             fk.sample_dpmpp_2m(model, x, bad, disable=True)
     with pytest.raises(ValueError, match="time_shift"):
         fk.sample_unipc(model, x, sig, disable=True, time_shift=True)
+    with pytest.raises(ValueError, match="eta"):
+        fk.sample_dpmpp_2m_sde(model, x, sig, disable=True, eta=0.5)
+    with pytest.raises(ValueError, match="eta"):
+        fk.sample_dpmpp_2m(model, x, sig, disable=True, eta=1.0)
 
 
 def test_a_tuned_plan_runs_from_its_folder_on_its_own_sigmas(tmp_path):
@@ -218,11 +210,16 @@ def test_plug_ins_are_keyword_options():
     _close(fk.sample_scheduler(model, x, sig, disable=True, scheduler=scheduler), with_momentum, 1e-12)
 
 
-@pytest.mark.parametrize("function, scheduler_class, config", [
-    (fk.sample_unipc, "UniPCScheduler", dict(solver_order=3, solver_type="bh1")),
-    (fk.sample_dpmpp_2m, "DPMSolverPlusPlusScheduler", dict(solver_order=2, lower_order_final=False)),
-    (fk.sample_deis, "DEISScheduler", dict(solver_order=3))])
-def test_the_digits_network_as_a_k_diffusion_denoiser_samples_as_in_its_pipeline(function, scheduler_class, config):
+RATIOS = [1.0, 1.02, 0.97, 1.05, 1.0, 0.99, 1.03, 1.0]
+
+
+@pytest.mark.parametrize("function, scheduler_class, config, options", [
+    (fk.sample_unipc, "UniPCScheduler", dict(solver_order=3, solver_type="bh1"), {}),
+    (fk.sample_dpmpp_2m, "DPMSolverPlusPlusScheduler", dict(solver_order=2, lower_order_final=False), {}),
+    (fk.sample_deis, "DEISScheduler", dict(solver_order=3), {}),
+    (fk.sample_dc, "DCSolverScheduler", dict(solver_order=2, dc_ratios=RATIOS), dict(dc_ratios=RATIOS))])
+def test_the_digits_network_as_a_k_diffusion_denoiser_samples_as_in_its_pipeline(function, scheduler_class, config,
+                                                                                 options):
     """The embedded digits DDPM wrapped by ``DiffusersDenoiser`` (ComfyUI's quantized model time) and sampled by
     the k-diffusion function along the scheduler's own Karras sigmas gives the scheduler's pipeline samples
     (the UNet called at the same integer timesteps), ≤ 1e-5."""
@@ -239,7 +236,8 @@ def test_the_digits_network_as_a_k_diffusion_denoiser_samples_as_in_its_pipeline
             native = scheduler.step(pipe.unet(native, t).sample, t, native).prev_sample
         model = fk.DiffusersDenoiser(pipe.unet, pipe.scheduler.config, quantize=True)
         sigmas = fk.get_sigmas_scheduler(scheduler, 8)
-        got = function(model, noise * sigmas[0] * math.sqrt(1 + 1 / float(sigmas[0]) ** 2), sigmas, disable=True)
+        got = function(model, noise * sigmas[0] * math.sqrt(1 + 1 / float(sigmas[0]) ** 2), sigmas, disable=True,
+                       **options)
     _close(got, native, 1e-5)
 
 

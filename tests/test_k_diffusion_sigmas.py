@@ -160,3 +160,9 @@ def test_ays_is_a_grid_option_of_our_schedulers():
                           "use_ays_sigmas")):
         with pytest.raises(ValueError, match=name):
             fastsampler.UniPCScheduler(**config)
+
+
+@pytest.mark.parametrize("n", [3, 10, 17])
+def test_ays_tensors_build_at_any_step_count(n):
+    sig = fk.get_sigmas_ays(n, "sdxl")
+    assert sig.dtype == torch.float32 and sig.shape == (n + 1,) and sig.is_contiguous()

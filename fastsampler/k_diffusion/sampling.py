@@ -112,8 +112,15 @@ def _sampler(scheduler_class_name: str, doc: str, **preset: Any) -> Callable[...
 
     def sample(model: KModel, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None,
                callback: Callable[[dict], Any] | None = None, disable: bool | None = None, *, flow: bool = False,
-               s_noise: float = 1.0, noise_sampler: NoiseSampler | None = None, **options: Any) -> torch.Tensor:
+               s_noise: float = 1.0, noise_sampler: NoiseSampler | None = None, eta: float | None = None,
+               **options: Any) -> torch.Tensor:
         import fastsampler
+
+        stochastic = str(preset.get("algorithm_type", "")).startswith("sde")
+        if eta is not None and eta != (1.0 if stochastic else 0.0):
+            raise ValueError(f"`eta` must be {1.0 if stochastic else 0.0} here, got {eta!r}: the plans hold "
+                             "diffusers' SDE (η = 1) and the ODE (η = 0; e.g. sample_dpmpp_2m for the 2M SDE at "
+                             "η = 0)")
 
         scheduler = scheduler_for(getattr(fastsampler, scheduler_class_name), flow, **{**preset, **options})
         return sample_scheduler(model, x, sigmas, extra_args, callback, disable, scheduler=scheduler, flow=flow,
@@ -139,7 +146,8 @@ sample_dpmpp_3m = _sampler(
 sample_dpmpp_2m_sde = _sampler(
     "DPMSolverPlusPlusScheduler", "DPM-Solver++(2M) SDE with η = 1 (k-diffusion ``sample_dpmpp_2m_sde``; "
     "``solver_type`` midpoint or heun): x' = (σ'/σ) e^{−h} x + (1 − e^{−2h}) D + second-order term + "
-    "σ' √(1 − e^{−2h}) z, z from ``noise_sampler``.", solver_order=2, lower_order_final=False,
+    "σ' √(1 − e^{−2h}) z, z from ``noise_sampler`` (default i.i.d. ``randn_like``; k-diffusion defaults to a "
+    "Brownian tree: pass its ``BrownianTreeNoiseSampler`` for its samples).", solver_order=2, lower_order_final=False,
     algorithm_type="sde-dpmsolver++")
 sample_unipc = _sampler(
     "UniPCScheduler", "UniPC (Zhao et al. 2023, arXiv 2302.04867), predictor-corrector, data prediction; "
@@ -153,6 +161,33 @@ sample_deis = _sampler(
 sample_dc = _sampler(
     "DCSolverScheduler", "DC-Solver (Zhao et al. 2024, arXiv 2409.03755): UniPC with dynamic compensation; pass "
     "``dc_ratios`` (one per step) or ``dc_ratios_file``.", solver_order=2)
+
+
+def sample_diffusers(model: KModel, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None,
+                     callback: Callable[[dict], Any] | None = None, disable: bool | None = None, *,
+                     scheduler) -> torch.Tensor:
+    """One of diffusers' own VP multistep schedulers (``DPMSolverMultistepScheduler``, ``UniPCMultistepScheduler``,
+    ``DEISMultistepScheduler``: those that read their σ table ``scheduler.sigmas`` at each step) with
+    ``prediction_type="sample"``, stepped along ``sigmas`` (the last one the final level): the reference our
+    functions are checked against, and diffusers' solvers for k-diffusion users."""
+    if scheduler.config.prediction_type != "sample":
+        raise ValueError(f"the diffusers scheduler must read the model output as the denoised sample "
+                         f"(prediction_type='sample'), got {scheduler.config.prediction_type!r}")
+    levels = check_sigmas(sigmas, False)
+    sigmas = torch.as_tensor(levels, dtype=x.dtype, device=x.device)
+    scheduler.set_timesteps(len(levels) - 1)
+    scheduler.sigmas = torch.as_tensor(levels)  # float64 on the CPU, as diffusers keeps its table
+    alpha = 1.0 / np.sqrt(1.0 + levels ** 2)
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+    state = x * float(alpha[0])
+    for i in trange(len(levels) - 1, disable=disable):
+        x_i = state / float(alpha[i])
+        denoised = model(x_i, sigmas[i] * s_in, **extra_args)
+        if callback is not None:
+            callback({"x": x_i, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+        state = scheduler.step(denoised, scheduler.timesteps[i], state).prev_sample
+    return state / float(alpha[-1])
 
 
 def midpoint_sigmas(levels: np.ndarray) -> np.ndarray:

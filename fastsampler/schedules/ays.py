@@ -33,7 +33,7 @@ def loglinear_interp(levels: np.ndarray, num: int) -> np.ndarray:
     if num < 2:
         raise ValueError(f"`num` must be at least 2, got {num}")
     rising = np.log(levels[::-1])
-    return np.exp(np.interp(np.linspace(0.0, 1.0, num), np.linspace(0.0, 1.0, len(levels)), rising))[::-1]
+    return np.exp(np.interp(np.linspace(0.0, 1.0, num), np.linspace(0.0, 1.0, len(levels)), rising))[::-1].copy()
 
 
 @lru_cache(maxsize=None)
