@@ -21,8 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from tqdm.auto import trange
-
+from fastsampler import progress
 from fastsampler.samplers.convert import output_from_x0
 
 KModel = Callable[..., torch.Tensor]
@@ -93,7 +92,7 @@ def sample_scheduler(model: KModel, x: torch.Tensor, sigmas: torch.Tensor, extra
     noise_sampler = (lambda sigma, sigma_next: torch.randn_like(x)) if noise_sampler is None else noise_sampler
     s_in = x.new_ones([x.shape[0]])
     state = x * float(scale[0])
-    for i in trange(steps, disable=disable):
+    for i in progress.bar(range(steps), enabled=not disable):
         x_i = state / float(scale[i])
         denoised = model(x_i, sigmas[i] * s_in, **extra_args)
         if callback is not None:
@@ -181,7 +180,7 @@ def sample_diffusers(model: KModel, x: torch.Tensor, sigmas: torch.Tensor, extra
     extra_args = {} if extra_args is None else extra_args
     s_in = x.new_ones([x.shape[0]])
     state = x * float(alpha[0])
-    for i in trange(len(levels) - 1, disable=disable):
+    for i in progress.bar(range(len(levels) - 1), enabled=not disable):
         x_i = state / float(alpha[i])
         denoised = model(x_i, sigmas[i] * s_in, **extra_args)
         if callback is not None:
