@@ -45,9 +45,9 @@ def _close(a: torch.Tensor, b: torch.Tensor, tol: float) -> None:
 
 @pytest.mark.parametrize("sigmas", sorted(SIGMAS))
 def test_the_functions_are_k_diffusions_samplers(sigmas):
-    """Euler, DPM-Solver++ 2M, 3M (k-diffusion's 3M SDE at η = 0), 2S (2S ancestral at η = 0) and the 2M SDE
-    (η = 1, both solver types, the same noise) give k-diffusion's samples, and call the model and the callback
-    as it does."""
+    """Euler, DPM-Solver++ 2M, 3M (k-diffusion's 3M SDE at η = 0), 2S (2S ancestral at η = 0), the 2M SDE (η = 1,
+    both solver types) and the 3M SDE (η = 1), the SDEs on the same noise, give k-diffusion's samples, and call the
+    model and the callback as it does."""
     ks = k_sampling()
     model, sig = Denoiser(), SIGMAS[sigmas]()
     x = model.noise() * sig[0]
@@ -65,12 +65,15 @@ def test_the_functions_are_k_diffusions_samplers(sigmas):
         _close(runs[0][0], runs[1][0], 1e-10)
         assert runs[0][1] == runs[1][1] and runs[0][2] == pytest.approx(runs[1][2], rel=1e-12)
     z = [torch.randn(x.shape, generator=torch.Generator().manual_seed(k), dtype=x.dtype) for k in range(len(sig))]
-    for solver_type in ("midpoint", "heun"):
+    sde = [(fk.sample_dpmpp_2m_sde, ks.sample_dpmpp_2m_sde, {"solver_type": "midpoint"}),
+           (fk.sample_dpmpp_2m_sde, ks.sample_dpmpp_2m_sde, {"solver_type": "heun"}),
+           (fk.sample_dpmpp_3m_sde, ks.sample_dpmpp_3m_sde, {})]
+    for ours, theirs, options in sde:
         outs = []
-        for function in (fk.sample_dpmpp_2m_sde, ks.sample_dpmpp_2m_sde):
+        for function in (ours, theirs):
             draws = iter(z)
-            outs.append(function(model, x, sig, disable=True, solver_type=solver_type,
-                                 noise_sampler=lambda s, s_next: next(draws)))
+            outs.append(function(model, x, sig, disable=True, noise_sampler=lambda s, s_next: next(draws),
+                                 **options))
         _close(outs[0], outs[1], 1e-10)
 
 

@@ -148,6 +148,11 @@ sample_dpmpp_2m_sde = _sampler(
     "σ' √(1 − e^{−2h}) z, z from ``noise_sampler`` (default i.i.d. ``randn_like``; k-diffusion defaults to a "
     "Brownian tree: pass its ``BrownianTreeNoiseSampler`` for its samples).", solver_order=2, lower_order_final=False,
     algorithm_type="sde-dpmsolver++")
+sample_dpmpp_3m_sde = _sampler(
+    "DPMSolverPlusPlusScheduler", "DPM-Solver++(3M) SDE with η = 1 (k-diffusion ``sample_dpmpp_3m_sde``): the "
+    "2M SDE's linear and noise terms plus the third-order correction φ₂ D1 − φ₃ D2 (φ₃ = φ₂/h − ½; the sign "
+    "k-diffusion has, not diffusers' order-3 SDE), its second step the heun form; noise as ``sample_dpmpp_2m_sde``.",
+    solver_order=3, solver_type="heun", lower_order_final=False, algorithm_type="sde-dpmsolver++")
 sample_unipc = _sampler(
     "UniPCScheduler", "UniPC (Zhao et al. 2023, arXiv 2302.04867), predictor-corrector, data prediction; "
     "defaults as ComfyUI's ``uni_pc``: B(h) variant bh1, order 3.", solver_order=3, solver_type="bh1")
