@@ -45,9 +45,9 @@ def _close(a: torch.Tensor, b: torch.Tensor, tol: float) -> None:
 
 @pytest.mark.parametrize("sigmas", sorted(SIGMAS))
 def test_the_functions_are_k_diffusions_samplers(sigmas):
-    """Euler, DPM-Solver++ 2M, 3M (k-diffusion's 3M SDE at η = 0), 2S (2S ancestral at η = 0), the 2M SDE (η = 1,
-    both solver types) and the 3M SDE (η = 1), the SDEs on the same noise, give k-diffusion's samples, and call the
-    model and the callback as it does."""
+    """Euler, DPM-Solver++ 2M, 3M (k-diffusion's 3M SDE at η = 0), 2S (2S ancestral at η = 0), the 2M SDE (both
+    solver types) and the 3M SDE at several η and ``s_noise``, the SDEs on the same noise, give k-diffusion's
+    samples, and call the model and the callback as it does."""
     ks = k_sampling()
     model, sig = Denoiser(), SIGMAS[sigmas]()
     x = model.noise() * sig[0]
@@ -67,7 +67,10 @@ def test_the_functions_are_k_diffusions_samplers(sigmas):
     z = [torch.randn(x.shape, generator=torch.Generator().manual_seed(k), dtype=x.dtype) for k in range(len(sig))]
     sde = [(fk.sample_dpmpp_2m_sde, ks.sample_dpmpp_2m_sde, {"solver_type": "midpoint"}),
            (fk.sample_dpmpp_2m_sde, ks.sample_dpmpp_2m_sde, {"solver_type": "heun"}),
-           (fk.sample_dpmpp_3m_sde, ks.sample_dpmpp_3m_sde, {})]
+           (fk.sample_dpmpp_2m_sde, ks.sample_dpmpp_2m_sde, {"solver_type": "heun", "eta": 0.4, "s_noise": 0.9}),
+           (fk.sample_dpmpp_3m_sde, ks.sample_dpmpp_3m_sde, {}),
+           (fk.sample_dpmpp_3m_sde, ks.sample_dpmpp_3m_sde, {"eta": 0.5}),
+           (fk.sample_dpmpp_3m_sde, ks.sample_dpmpp_3m_sde, {"eta": 0.0})]
     for ours, theirs, options in sde:
         outs = []
         for function in (ours, theirs):
@@ -161,8 +164,8 @@ def test_extra_args_reach_the_model_and_bad_sigmas_are_named():
             fk.sample_dpmpp_2m(model, x, bad, disable=True)
     with pytest.raises(ValueError, match="time_shift"):
         fk.sample_unipc(model, x, sig, disable=True, time_shift=True)
-    with pytest.raises(ValueError, match="eta"):
-        fk.sample_dpmpp_2m_sde(model, x, sig, disable=True, eta=0.5)
+    with pytest.raises(ValueError, match="sde_eta"):
+        fk.sample_dpmpp_2m_sde(model, x, sig, disable=True, eta=-0.5)
     with pytest.raises(ValueError, match="eta"):
         fk.sample_dpmpp_2m(model, x, sig, disable=True, eta=1.0)
 
@@ -258,3 +261,24 @@ def test_the_readme_section_runs_and_names_only_what_exists():
     used = set(re.findall(r"\bK\.(\w+)", comfy + example))
     assert used and all(hasattr(fk, name) for name in used), used
     assert {"sample_unipc", "sample_pretrained", "get_sigmas_pretrained"} <= used
+
+
+def test_sde_eta_spans_the_ode_and_diffusers_sde():
+    """``sde_eta``: η = 1 is diffusers' SDE plan; η = 0 the ODE's (no noise); other values refuse other solvers."""
+    n = 6
+    plans = {}
+    for name, config in (("ode", dict(algorithm_type="dpmsolver++")),
+                         ("eta0", dict(algorithm_type="sde-dpmsolver++", sde_eta=0.0)),
+                         ("eta1", dict(algorithm_type="sde-dpmsolver++", sde_eta=1.0)),
+                         ("default", dict(algorithm_type="sde-dpmsolver++"))):
+        scheduler = fastsampler.DPMSolverPlusPlusScheduler(solver_order=2, **config)
+        scheduler.set_timesteps(n)
+        plans[name] = scheduler.plan
+    np.testing.assert_allclose(plans["eta0"].coef, plans["ode"].coef, atol=1e-12)
+    assert not plans["eta0"].uses_noise and plans["eta1"].uses_noise
+    np.testing.assert_array_equal(plans["eta1"].coef, plans["default"].coef)
+    for config in (dict(algorithm_type="dpmsolver++", sde_eta=0.5), dict(algorithm_type="sde-dpmsolver++",
+                                                                         sde_eta=-1.0),
+                   dict(algorithm_type="sde-dpmsolver++", solver_method="singlestep", sde_eta=0.5)):
+        with pytest.raises(ValueError, match="sde_eta"):
+            fastsampler.DPMSolverPlusPlusScheduler(**config)

@@ -22,7 +22,7 @@ from fastsampler.samplers.convert import PREDICTION_TYPES
 from fastsampler.schedules.noise import BETA_SCHEDULES
 
 PRESET_OPTIONS = ("euler_at_final", "predict_x0", "disable_corrector", "solver_method", "exact_third_order",
-                  "use_lu_lambdas", "lambda_min_clipped")
+                  "use_lu_lambdas", "lambda_min_clipped", "sde_eta")
 NOISE_SCHEDULES = ("discrete", "vp_linear", "vp_cosine")
 VARIANCE_TYPES = (None, "learned", "learned_range", "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log")
 MAX_ABS_MU = 20.0  # dynamic shift e^μ; Flux uses |μ| ≲ 1.2, and e^20 already maps every sigma to 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 # DiffusionPipeline.from_pretrained looks the loading base class up by name in the module recorded in
 # model_index.json (this one), so it must be importable from here.
@@ -29,7 +31,7 @@ class DPMSolverPlusPlusScheduler(PlanScheduler):
     _solver_types = ("midpoint", "heun")
     _solver_remap = {"logrho": "midpoint", "bh1": "midpoint", "bh2": "midpoint"}
     _options = frozenset({"euler_at_final", "solver_method", "exact_third_order", "use_lu_lambdas",
-                          "lambda_min_clipped"})
+                          "lambda_min_clipped", "sde_eta"})
 
     def _validate_config(self) -> None:
         super()._validate_config()
@@ -38,6 +40,11 @@ class DPMSolverPlusPlusScheduler(PlanScheduler):
             raise ValueError(f"`solver_method` must be 'multistep' or 'singlestep', got {c.solver_method!r}")
         if self.algorithm == "sde-dpmsolver" and c.solver_order > 2:
             raise ValueError("algorithm_type='sde-dpmsolver' supports solver_order 1 or 2")
+        if not (isinstance(c.sde_eta, (int, float)) and not isinstance(c.sde_eta, bool) and 0 <= c.sde_eta < math.inf):
+            raise ValueError(f"`sde_eta` must be a number ≥ 0, got {c.sde_eta!r}")
+        if c.sde_eta != 1.0 and (self.algorithm != "sde-dpmsolver++" or c.solver_method != "multistep"):
+            raise ValueError("`sde_eta` (the SDE's η) applies to algorithm_type='sde-dpmsolver++' with "
+                             "solver_method='multistep'")
 
     def _build_solver(self, nodes: Nodes):
         c = self.config
@@ -45,7 +52,7 @@ class DPMSolverPlusPlusScheduler(PlanScheduler):
             return DPMSolverSinglestep(c.solver_order, self.algorithm, self.solver_kind, c.lower_order_final,
                                        nodes.num_steps, bool(nodes.rho[-1] == 0.0))
         return DPMSolverMultistep(c.solver_order, self.algorithm, self.solver_kind, c.lower_order_final,
-                                  c.euler_at_final, c.exact_third_order)
+                                  c.euler_at_final, c.exact_third_order, float(c.sde_eta))
 
     def _bound_hint(self) -> str:
         if self.algorithm.endswith("++"):

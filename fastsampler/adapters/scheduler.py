@@ -139,6 +139,7 @@ class PlanScheduler(TimeShiftMixin, SchedulerMixin, ConfigMixin):
         disable_corrector: list[int] | None = None,
         solver_method: str = "multistep",
         exact_third_order: bool = False,
+        sde_eta: float = 1.0,
         noise_schedule: str = "discrete",
         sigma_min: float | None = None,
         sigma_max: float | None = None,

@@ -116,10 +116,11 @@ def _sampler(scheduler_class_name: str, doc: str, **preset: Any) -> Callable[...
         import fastsampler
 
         stochastic = str(preset.get("algorithm_type", "")).startswith("sde")
-        if eta is not None and eta != (1.0 if stochastic else 0.0):
-            raise ValueError(f"`eta` must be {1.0 if stochastic else 0.0} here, got {eta!r}: the plans hold "
-                             "diffusers' SDE (η = 1) and the ODE (η = 0; e.g. sample_dpmpp_2m for the 2M SDE at "
-                             "η = 0)")
+        if eta is not None and stochastic:
+            options = {**options, "sde_eta": eta}
+        elif eta not in (None, 0, 0.0):
+            raise ValueError(f"`eta` must be 0 for this ODE sampler, got {eta!r} (the SDE samplers take η ≥ 0: "
+                             "sample_dpmpp_2m_sde, sample_dpmpp_3m_sde)")
 
         scheduler = scheduler_for(getattr(fastsampler, scheduler_class_name), flow, **{**preset, **options})
         return sample_scheduler(model, x, sigmas, extra_args, callback, disable, scheduler=scheduler, flow=flow,
@@ -143,13 +144,13 @@ sample_dpmpp_3m = _sampler(
     "(+ (1 − (1 − e^{−h})/h)(D_i − D_{i−1})/r), a final step to σ = 0 gives D.",
     solver_order=3, solver_type="heun", lower_order_final=False)
 sample_dpmpp_2m_sde = _sampler(
-    "DPMSolverPlusPlusScheduler", "DPM-Solver++(2M) SDE with η = 1 (k-diffusion ``sample_dpmpp_2m_sde``; "
-    "``solver_type`` midpoint or heun): x' = (σ'/σ) e^{−h} x + (1 − e^{−2h}) D + second-order term + "
-    "σ' √(1 − e^{−2h}) z, z from ``noise_sampler`` (default i.i.d. ``randn_like``; k-diffusion defaults to a "
+    "DPMSolverPlusPlusScheduler", "DPM-Solver++(2M) SDE (k-diffusion ``sample_dpmpp_2m_sde``; ``eta`` η, default 1; "
+    "``solver_type`` midpoint or heun): x' = (σ'/σ) e^{−ηh} x + (1 − e^{−(1+η)h}) D + second-order term + "
+    "σ' √(1 − e^{−2ηh}) z, z from ``noise_sampler`` (default i.i.d. ``randn_like``; k-diffusion defaults to a "
     "Brownian tree: pass its ``BrownianTreeNoiseSampler`` for its samples).", solver_order=2, lower_order_final=False,
     algorithm_type="sde-dpmsolver++")
 sample_dpmpp_3m_sde = _sampler(
-    "DPMSolverPlusPlusScheduler", "DPM-Solver++(3M) SDE with η = 1 (k-diffusion ``sample_dpmpp_3m_sde``): the "
+    "DPMSolverPlusPlusScheduler", "DPM-Solver++(3M) SDE (k-diffusion ``sample_dpmpp_3m_sde``; ``eta``, default 1): the "
     "2M SDE's linear and noise terms plus the third-order correction φ₂ D1 − φ₃ D2 (φ₃ = φ₂/h − ½; the sign "
     "k-diffusion has, not diffusers' order-3 SDE), its second step the heun form; noise as ``sample_dpmpp_2m_sde``.",
     solver_order=3, solver_type="heun", lower_order_final=False, algorithm_type="sde-dpmsolver++")

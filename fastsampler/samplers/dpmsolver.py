@@ -7,7 +7,9 @@ Taylor series in λ and integrating term by term gives the exponential-integrato
 
   dpmsolver++      x_t = (σ_t/σ_s) x + α_t h [φ₁(−h) D0 + φ₂(−h) D1 + φ₃(−h) D2]
   dpmsolver        x_t = (α_t/α_s) x − σ_t h [φ₁(h) D0 + φ₂(h) D1 + φ₃(h) D2]
-  sde-dpmsolver++  x_t = (σ_t/σ_s) e^{−h} x + α_t 2h [φ₁(−2h) D0 + φ₂(−2h) D1 + 2φ₃(−2h) D2] + σ_t √(1 − e^{−2h}) z
+  sde-dpmsolver++  x_t = (σ_t/σ_s) e^{−ηh} x + α_t h_η [φ₁(−h_η) D0 + φ₂(−h_η) D1 + φ₃(−h_η) D2]
+                   + σ_t √(1 − e^{−2ηh}) z,  h_η = (1 + η) h  (η = 1: diffusers' SDE; η = 0: the ODE; k-diffusion's
+                   ``eta`` of ``sample_dpmpp_2m_sde`` / ``sample_dpmpp_3m_sde``)
   sde-dpmsolver    x_t = (α_t/α_s) x − 2σ_t h [φ₁(h) D0 + φ₂(h) D1] + σ_t √(e^{2h} − 1) z
 
 D0 is the prediction at s; D1 ≈ h·D′ and D2 ≈ h²·D″/2 come from divided differences over earlier nodes with
@@ -51,8 +53,9 @@ class EIStep:
         return self.c1_midpoint if solver_type == "midpoint" else self.c1_heun
 
 
-def ei_step(algorithm_type: str, nodes: Nodes, s: int, t: int, exact_third_order: bool = False) -> EIStep:
-    """The φ-weights of a step from node s to node t (float64)."""
+def ei_step(algorithm_type: str, nodes: Nodes, s: int, t: int, exact_third_order: bool = False,
+            eta: float = 1.0) -> EIStep:
+    """The φ-weights of a step from node s to node t (float64); ``eta``: the SDE's η (sde-dpmsolver++ only)."""
     a_s, s_s, a_t, s_t = (float(v) for v in (nodes.alpha[s], nodes.sigma[s], nodes.alpha[t], nodes.sigma[t]))
     h = float(nodes.lam[t] - nodes.lam[s])
     if math.isinf(h):
@@ -65,9 +68,10 @@ def ei_step(algorithm_type: str, nodes: Nodes, s: int, t: int, exact_third_order
         e = s_t * math.expm1(h)
         return EIStep(a_t / a_s, -e, -0.5 * e, -s_t * h * phi(2, h), -third * s_t * h * phi(3, h), 0.0)
     if algorithm_type == "sde-dpmsolver++":
-        e2 = -math.expm1(-2.0 * h)  # 1 − e^{−2h}
-        return EIStep(s_t / s_s * math.exp(-h), a_t * e2, 0.5 * a_t * e2, a_t * 2 * h * phi(2, -2 * h),
-                      third * a_t * 2 * h * phi(3, -2 * h), s_t * math.sqrt(e2))
+        h_eta = (1.0 + eta) * h
+        e = -math.expm1(-h_eta)  # 1 − e^{−h_η}
+        return EIStep(s_t / s_s * math.exp(-eta * h), a_t * e, 0.5 * a_t * e, a_t * h_eta * phi(2, -h_eta),
+                      third * a_t * h_eta * phi(3, -h_eta), s_t * math.sqrt(-math.expm1(-2.0 * eta * h)))
     if algorithm_type == "sde-dpmsolver":
         e = s_t * math.expm1(h)
         return EIStep(a_t / a_s, -2.0 * e, -e, -2.0 * s_t * h * phi(2, h), math.nan, s_t * math.sqrt(math.expm1(2 * h)))
@@ -101,6 +105,7 @@ class DPMSolverMultistep:
     lower_order_final: bool = True
     euler_at_final: bool = False
     exact_third_order: bool = False
+    eta: float = 1.0  # sde-dpmsolver++'s η
 
     registers = ()
 
@@ -123,7 +128,7 @@ class DPMSolverMultistep:
 
     def rule(self, i: int, available: int, nodes: Nodes) -> Rule:
         p = self.step_order(i, available, nodes)
-        w = ei_step(self.algorithm_type, nodes, i, i + 1, self.exact_third_order)
+        w = ei_step(self.algorithm_type, nodes, i, i + 1, self.exact_third_order, self.eta)
         d = w.c0 * ages(p, a0=1.0)
         if p >= 2:
             lam = nodes.lam
