@@ -282,3 +282,20 @@ def test_sde_eta_spans_the_ode_and_diffusers_sde():
                    dict(algorithm_type="sde-dpmsolver++", solver_method="singlestep", sde_eta=0.5)):
         with pytest.raises(ValueError, match="sde_eta"):
             fastsampler.DPMSolverPlusPlusScheduler(**config)
+
+
+def test_final_sigma_is_the_level_the_last_step_lands_on():
+    """``set_timesteps(sigmas=…, final_sigma=…)``: the sigmas are the nodes, ``final_sigma`` the level after the last
+    step (k-diffusion's last sigma), not a node; misuse is refused by name."""
+    scheduler = fastsampler.UniPCScheduler()
+    scheduler.set_timesteps(sigmas=[10.0, 3.0, 1.0], final_sigma=0.2)
+    np.testing.assert_allclose(scheduler.plan.rho, [10.0, 3.0, 1.0, 0.2])
+    assert scheduler.num_inference_steps == 3
+    for call in (lambda: scheduler.set_timesteps(5, final_sigma=0.1),
+                 lambda: scheduler.set_timesteps(sigmas=[10.0, 3.0], final_sigma=3.0),
+                 lambda: scheduler.set_timesteps(sigmas=[10.0, 3.0], final_sigma=-1.0)):
+        with pytest.raises(ValueError, match="final_sigma"):
+            call()
+    flow = fastsampler.UniPCScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=1.0)
+    flow.set_timesteps(sigmas=[0.9, 0.5], final_sigma=0.1)
+    np.testing.assert_allclose(flow.plan.rho, [0.9, 0.5, 0.1])
