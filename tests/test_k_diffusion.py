@@ -116,6 +116,21 @@ def test_the_functions_match_diffusers_schedulers_on_the_same_sigmas(case, final
         _close(got, want, 1e-5)
 
 
+def test_2s_is_diffusers_singlestep_on_the_midpoint_grid():
+    """``sample_dpmpp_2s`` = diffusers' ``DPMSolverSinglestepScheduler`` (order 2) stepped along the sigmas with
+    their log-midpoints inserted (its order list pairs each midpoint with the step it starts), ≤ 1e-5."""
+    from fastsampler.k_diffusion.sampling import midpoint_sigmas
+
+    model = Denoiser()
+    for build in SIGMAS.values():
+        sig = build()
+        x = model.noise() * sig[0]
+        want = fk.sample_diffusers(model, x, torch.tensor(midpoint_sigmas(sig.numpy())), disable=True,
+                                   scheduler=diffusers.DPMSolverSinglestepScheduler(
+                                       prediction_type="sample", solver_order=2, final_sigmas_type="zero"))
+        _close(fk.sample_dpmpp_2s(model, x, sig, disable=True), want, 1e-5)
+
+
 def test_flow_models_take_flow_sigmas():
     """``flow=True``: x = (1 − σ) x₀ + σ ε, sigmas from 1 to 0. Euler is the same update in both forms (k-diffusion's
     ``sample_euler`` is right for flow models); DPM-Solver++ in flow λ = log((1 − σ)/σ) converges to the

@@ -171,8 +171,9 @@ sample_dc = _sampler(
 def sample_diffusers(model: KModel, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None,
                      callback: Callable[[dict], Any] | None = None, disable: bool | None = None, *,
                      scheduler) -> torch.Tensor:
-    """One of diffusers' own VP multistep schedulers (``DPMSolverMultistepScheduler``, ``UniPCMultistepScheduler``,
-    ``DEISMultistepScheduler``: those that read their σ table ``scheduler.sigmas`` at each step) with
+    """One of diffusers' own VP schedulers that read their σ table ``scheduler.sigmas`` at each step
+    (``DPMSolverMultistepScheduler``, ``DPMSolverSinglestepScheduler``, ``UniPCMultistepScheduler``,
+    ``DEISMultistepScheduler``) with
     ``prediction_type="sample"``, stepped along ``sigmas`` (the last one the final level): the reference our
     functions are checked against, and diffusers' solvers for k-diffusion users."""
     if scheduler.config.prediction_type != "sample":
