@@ -177,8 +177,6 @@ def test_extra_args_reach_the_model_and_bad_sigmas_are_named():
                 torch.tensor([[5.0, 0.0]]), torch.tensor([5.0, float("nan"), 0.0]), torch.tensor([5.0, -1.0])):
         with pytest.raises(ValueError, match="sigmas"):
             fk.sample_dpmpp_2m(model, x, bad, disable=True)
-    with pytest.raises(ValueError, match="time_shift"):
-        fk.sample_unipc(model, x, sig, disable=True, time_shift=True)
     with pytest.raises(ValueError, match="sde_eta"):
         fk.sample_dpmpp_2m_sde(model, x, sig, disable=True, eta=-0.5)
     with pytest.raises(ValueError, match="eta"):
@@ -238,7 +236,12 @@ RATIOS = [1.0, 1.02, 0.97, 1.05, 1.0, 0.99, 1.03, 1.0]
     (fk.sample_unipc, "UniPCScheduler", dict(solver_order=3, solver_type="bh1"), {}),
     (fk.sample_dpmpp_2m, "DPMSolverPlusPlusScheduler", dict(solver_order=2, lower_order_final=False), {}),
     (fk.sample_deis, "DEISScheduler", dict(solver_order=3), {}),
-    (fk.sample_dc, "DCSolverScheduler", dict(solver_order=2, dc_ratios=RATIOS), dict(dc_ratios=RATIOS))])
+    (fk.sample_dc, "DCSolverScheduler", dict(solver_order=2, dc_ratios=RATIOS), dict(dc_ratios=RATIOS)),
+    # Time-Shift moves the model's time to τ by the sample's variance: the function calls the model at σ = ρ(τ),
+    # so it needs the model's training schedule (the digits DDPM's, here the scheduler default)
+    (fk.sample_dpmpp_2m, "DPMSolverPlusPlusScheduler", dict(solver_order=2, lower_order_final=False,
+                                                            time_shift=True, time_shift_window=40),
+     dict(time_shift=True, time_shift_window=40))])
 def test_the_digits_network_as_a_k_diffusion_denoiser_samples_as_in_its_pipeline(function, scheduler_class, config,
                                                                                  options):
     """The embedded digits DDPM wrapped by ``DiffusersDenoiser`` (ComfyUI's quantized model time) and sampled by
