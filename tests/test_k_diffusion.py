@@ -317,3 +317,22 @@ def test_final_sigma_is_the_level_the_last_step_lands_on():
     flow = fastsampler.UniPCScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=1.0)
     flow.set_timesteps(sigmas=[0.9, 0.5], final_sigma=0.1)
     np.testing.assert_allclose(flow.plan.rho, [0.9, 0.5, 0.1])
+
+
+@pytest.mark.parametrize("case", [0, 1, 2, 3])
+def test_the_functions_match_diffusers_schedulers_on_the_digits_network(case):
+    """As on the mixture, on the embedded digits DDPM (``DiffusersDenoiser``, float32): each function against
+    diffusers' scheduler with the same solver stepped along the same Karras sigmas, ≤ 1e-5."""
+    from diffusers import DDPMPipeline
+
+    ours, options, name, config = [DIFFUSERS[0], DIFFUSERS[1], DIFFUSERS[3], DIFFUSERS[5]][case]
+    pipe = DDPMPipeline.from_pretrained(fastsampler.assets("digits"))
+    model = fk.DiffusersDenoiser(pipe.unet, pipe.scheduler.config)
+    deis = name == "DEISMultistepScheduler"
+    sig = fk.get_sigmas_karras(8, 0.05, 80.0)[:-1] if deis else fk.get_sigmas_karras(8, 0.05, 80.0)  # DEIS: NaN at 0
+    x = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * sig[0]
+    with torch.no_grad():
+        got = ours(model, x, sig, disable=True, **options)
+        want = fk.sample_diffusers(model, x, sig, disable=True, scheduler=getattr(diffusers, name)(
+            prediction_type="sample", **config, **({} if deis else {"final_sigmas_type": "zero"})))
+    _close(got, want, 1e-5)
