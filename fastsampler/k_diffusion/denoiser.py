@@ -36,19 +36,17 @@ class DiffusersDenoiser:
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """The model time of each σ (fractional, or the nearest index with ``quantize``)."""
-        t = self.table.t_from_rho(sigma.detach().to("cpu", torch.float64).numpy())
+        t = self.table.t_from_rho(sigma.detach().to("cpu", torch.float64).numpy())  # ok-sync: once a model call
         return torch.as_tensor(np.round(t) if self.quantize else t, device=sigma.device)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         shape = (-1,) + (1,) * (x.dim() - 1)
-        alpha = (1.0 / torch.sqrt(1.0 + sigma.double() ** 2)).to(x.dtype).reshape(shape)
+        alpha = (1.0 / torch.sqrt(1.0 + sigma.to(x.dtype) ** 2)).reshape(shape)  # x.dtype: MPS has no float64
         x_vp = x * alpha
         t = self.timestep(sigma).to(x.dtype if x.is_floating_point() else torch.float32)
         output = self.network(x_vp, t, **kwargs)
         output = output.sample if hasattr(output, "sample") else output
         output = output[:, :x.shape[1]]  # learned-variance models: the prediction channels
-        # per sample: each may sit at its own σ
-        pairs = [x0_coefficients(self.prediction_type, float(a), float(a * g))
-                 for a, g in zip(alpha.flatten().double(), sigma.double().flatten())]
-        c_x, c_o = (torch.tensor(v, dtype=x.dtype, device=x.device).reshape(shape) for v in zip(*pairs))
+        # per sample (each may sit at its own σ), on the device: x0_coefficients is plain arithmetic
+        c_x, c_o = x0_coefficients(self.prediction_type, alpha, sigma.to(x.dtype).reshape(shape) * alpha)
         return c_x * x_vp + c_o * output

@@ -21,11 +21,13 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+
 from fastsampler import progress
 from fastsampler.samplers.convert import output_from_x0
 
 KModel = Callable[..., torch.Tensor]
 NoiseSampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
 
 def check_sigmas(sigmas: torch.Tensor, flow: bool) -> np.ndarray:
     """``sigmas`` as float64 numpy: 1-D, at least two entries, finite, strictly decreasing, ≥ 0 (flow: ≤ 1)."""
@@ -90,11 +92,14 @@ def sample_scheduler(model: KModel, x: torch.Tensor, sigmas: torch.Tensor, extra
     extra_args = {} if extra_args is None else extra_args
     noise_sampler = (lambda sigma, sigma_next: torch.randn_like(x)) if noise_sampler is None else noise_sampler
     s_in = x.new_ones([x.shape[0]])
-    nominal = scheduler.timesteps.clone()
+    # Time-Shift's input mode rewrites scheduler.timesteps[i] before step i; only then is a timestep read back
+    # (one host read a step), so other runs never synchronise with the device
+    shifting = bool(scheduler.config.time_shift) and scheduler.config.time_shift_mode == "input"
+    nominal = scheduler.timesteps.clone() if shifting else None
     state = x * float(scale[0])
     for i in progress.bar(range(steps), enabled=not disable):
         a_i, s_i, sigma_i = float(alpha[i]), float(sigma[i]), sigmas[i]
-        if scheduler.timesteps[i] != nominal[i]:  # Time-Shift (input mode) moved this node to τ: σ = ρ(τ)
+        if shifting and bool(scheduler.timesteps[i] != nominal[i]):  # ok-sync: node moved to τ, σ = ρ(τ)
             a_i, s_i = (float(v[0]) for v in scheduler._alpha_sigma_at(np.array([float(scheduler.timesteps[i])])))
             sigma_i = torch.as_tensor(s_i / a_i if not flow else s_i, dtype=sigmas.dtype, device=sigmas.device)
         x_i = state / (1.0 if flow else a_i)
