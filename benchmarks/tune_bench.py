@@ -119,7 +119,11 @@ class FIDCheck:
         return [self.score(final_sample(scheduler, model, noise, n)) for model, noise in self.runs]
 
 
-def run_cell(name: str, n: int, methods: list[str], fit: int, evaluate: int, fid: FIDCheck | None = None) -> dict:
+def run_cell(name: str, n: int, methods: list[str], fit: int, evaluate: int, fid: FIDCheck | None = None,
+             ceiling: list[float] | None = None, on_method: Callable[[dict], None] = lambda cell: None) -> dict:
+    """One case at one NFE: the teacher, the built-ins, then each method (``on_method(cell)`` after each, so an
+    interrupted run keeps the methods it finished). ``ceiling``: DDIM-250's FID of this case from an earlier cell
+    (it does not depend on the NFE; recomputing it costs ~5 min a seed on the guided model)."""
     import diffusers
 
     import fastsampler
@@ -137,7 +141,8 @@ def run_cell(name: str, n: int, methods: list[str], fit: int, evaluate: int, fid
                                                                            target), "methods": {}}
     if fid is not None:
         cls, opts = BUILT_INS[cell["best_built_in"]]
-        cell["fid"] = {f"DDIM {CEILING_STEPS}": fid(diffusers.DDIMScheduler.from_config(config), CEILING_STEPS),
+        cell["fid"] = {f"DDIM {CEILING_STEPS}": ceiling or fid(diffusers.DDIMScheduler.from_config(config),
+                                                                CEILING_STEPS),
                        cell["best_built_in"]: fid(getattr(diffusers, cls).from_config(config, **opts), n)}
     for method in methods:
         kind, options = METHODS[method]
@@ -152,6 +157,7 @@ def run_cell(name: str, n: int, methods: list[str], fit: int, evaluate: int, fid
         print(f"{name} NFE {n} {method}: RMSE "
               f"{(cell['methods'][method]['error'] / built_in[cell['best_built_in']]) ** 0.5:.3f}× "
               f"best built-in ({seconds:.0f} s)", flush=True)
+        on_method(cell)
     return cell
 
 
@@ -219,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     store = args.out / "tune_bench.json"
     results = json.loads(store.read_text())["results"] if store.is_file() else []
     stamp = run_stamp()
+    fid_seeds = [int(v) for v in args.fid_seeds.split(",") if v]
     for name in [c for c in args.cases.split(",") if c]:
         for n in [int(v) for v in args.nfe.split(",") if v]:
             old = next((r for r in results if r["case"] == name and r["nfe"] == n and r["fit"] == args.fit), None)
@@ -227,18 +234,25 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             fid = None
             if name.startswith("digits") and args.fid_samples > 0:
-                fid = FIDCheck(name, args.fid_samples, [int(v) for v in args.fid_seeds.split(",") if v])
+                fid = FIDCheck(name, args.fid_samples, fid_seeds)
                 todo = [m for m in methods if old is None or "fid" not in old["methods"].get(m, {})
                         or m in args.rerun]  # FID for every method of the cell, or the table would mix runs
-            cell = run_cell(name, n, todo, args.fit, args.eval, fid)
-            for method in todo:  # cells fill over several runs: each method's result keeps its own date
-                cell["methods"][method]["date"] = stamp["date"]
-            if old is not None:  # the same noises and teacher: keep the methods not rerun
-                cell["methods"] = {**old["methods"], **cell["methods"]}
-                results.remove(old)
-            results.append(cell)
-            args.out.mkdir(parents=True, exist_ok=True)
-            store.write_text(json.dumps({**stamp, "results": results}, indent=1) + "\n")  # each cell as it ends
+            ceiling = next((r["fid"][f"DDIM {CEILING_STEPS}"] for r in results if r["case"] == name and "fid" in r
+                            and r.get("fid_samples", 1000) == args.fid_samples
+                            and r.get("fid_seeds", [0, 1]) == fid_seeds), None)
+
+            def save(cell: dict, old: dict | None = old) -> None:
+                """Merge the finished methods into the store (each keeps its own date) and write it."""
+                for method, entry in cell["methods"].items():
+                    entry.setdefault("date", stamp["date"])
+                merged = {**cell, **({"fid_samples": args.fid_samples, "fid_seeds": fid_seeds} if "fid" in cell else {}),
+                          "methods": {**(old or {}).get("methods", {}), **cell["methods"]}}
+                results[:] = [r for r in results if not (r["case"] == name and r["nfe"] == n and r["fit"] == args.fit)]
+                results.append(merged)
+                args.out.mkdir(parents=True, exist_ok=True)
+                store.write_text(json.dumps({**stamp, "results": results}, indent=1) + "\n")
+
+            run_cell(name, n, todo, args.fit, args.eval, fid, ceiling, save)
     (args.out / "tune_bench.md").write_text(markdown(results, stamp))
     print(markdown(results, stamp))
     return 0
