@@ -201,9 +201,9 @@ def _tune_coefficients(student, fit_model, noise, reference, n, options: dict, c
     return plan, asdict(result), asdict(search)
 
 
-COEFFICIENT_OPTIONS = ("iters", "lr", "lr_time", "learn_timesteps", "loss", "slack", "patience", "lr_decays",
+COEFFICIENT_OPTIONS = ("iters", "lr", "lr_time", "learn_timesteps", "learn_start", "loss", "slack", "patience", "lr_decays",
                        "validation_fraction", "consistency", "init", "init_evaluations", "fd_step",
-                       "support", "history", "probe")
+                       "support", "history", "probe", "lr_warmup")
 
 
 def _tune_s3(student, fit_model, noise, reference, n, options: dict, checkpoint_dir, progress, holdout, ctx):
@@ -258,9 +258,10 @@ def tune(scheduler, model, noise: torch.Tensor, num_inference_steps: int | Seque
     (``fastsampler.tuning.timesteps.TimestepSearch``); with ``search="nelder-mead"`` the baseline every method must
     beat, a derivative-free fit of the same time points: ``max_evaluations``, ``validation_fraction``,
     ``initial_step`` (``fastsampler.tuning.nelder_mead.NelderMeadSearch``). ``method="coefficients"``: ``iters``, ``lr``, ``lr_time``,
-    ``learn_timesteps``, ``loss`` ("final" | "relaxed"), ``slack``, ``patience``, ``lr_decays``, ``validation_fraction``,
+    ``learn_timesteps``, ``learn_start`` (the first node too: a truncated start), ``loss`` ("final" | "relaxed"), ``slack``, ``patience``, ``lr_decays``, ``validation_fraction``,
     ``consistency`` ("auto" | "full" | "none" | "data"), ``init`` ("base" | "nelder-mead"), ``init_evaluations``, ``fd_step``,
-    ``support`` ("history" | "base"), ``history`` (slots; None: every earlier prediction, up to 8), ``probe``
+    ``support`` ("history" | "base"), ``history`` (slots; None: every earlier prediction, up to 8), ``lr_warmup``
+    (iterations of linear step-size ramp), ``probe``
     (``consistency="auto"``: the iterations each of its two fits gets before the better one trains on)
     (``fastsampler.tuning.coefficients.CoefficientSearch``). ``method="s3"``: ``budget_evaluations``, ``budget_seconds``,
     ``warmup``, ``round_size``, ``keep``, ``max_order``, ``search_grid``, ``grid_power_range``, ``seed``,
