@@ -9,7 +9,9 @@ Parameters, learned jointly by Adam against the teacher's final samples (a globa
   digits DDPM at NFE 5 it doubled the tuning time and did not lower the held-out error); ``learn_timesteps=False``
   holds the scheduler's grid; ``learn_start=True`` frees the first node too (a truncated start, at most half the
   λ range inward: the initial noise is taken as the sample there, as Align Your Steps' SD tables start at σ = 14.6
-  whatever the model's σ_max; ``GridFamily``);
+  whatever the model's σ_max; ``GridFamily``. Digits DDPM, held-out: NFE 5 0.74× → 0.72× the best built-in, FID
+  0.912 / 1.189 → 0.804 / 1.063, DDIM 250's 0.851 / 1.059; NFE 8 0.73× → 0.90× in the mean but FID 0.837 / 1.014
+  → 0.757 / 0.946; NFE 10: the start stays);
 * a correction θ on the rows a run from step 0 uses (the stored prediction D̂, the next sample, the registers):
   row = base(λ) + s ⊙ Π θ, with s = |base(λ₀)| where the base row reads a source and 0.1 where it does not. The
   base row is the scheduler's own solver rebuilt on the current grid (linearised around it by central differences),
