@@ -117,6 +117,23 @@ def test_learning_lowers_the_fitting_loss_and_validation_chooses():
     assert plan.meta.get("tuned") == "coefficients" or report.kept_base
 
 
+def test_the_distance_loss_is_the_per_sample_rms_distance_in_fit_and_validation():
+    """``loss="distance"``: each sample costs its RMS distance to the teacher (not its square), in the fit and in
+    the validation that chooses the plan; the chosen plan is never worse than the base in those terms."""
+    s = UniPCScheduler(**SD)
+    plan, report, model, noise, target = fitted(s, 5, batch=24, iters=30, loss="distance")
+    s.set_timesteps(5)
+    with torch.no_grad():
+        base_final, _ = run(s.plan, model, noise)
+        tuned_final, _ = run(plan, model, noise)
+    held = slice(18, 24)  # the in-batch validation: the last quarter
+    rms = lambda final: (final - target).double().pow(2).flatten(1).mean(1).sqrt()[held].mean().item()
+    assert report.validation == "in-batch (last 6 of 24 fitting noises)"
+    assert report.validation_base == pytest.approx(rms(base_final), rel=1e-6)
+    assert report.validation_tuned == pytest.approx(rms(tuned_final), rel=1e-6)
+    assert report.validation_tuned < report.validation_base and report.fit_losses[-1] < report.fit_losses[0]
+
+
 def test_validation_never_returns_a_plan_worse_than_the_base():
     """Held-out targets that the base plan meets exactly: any learned change is worse there, so the base returns."""
     s = UniPCScheduler(**SD)
@@ -211,7 +228,7 @@ def test_coefficients_is_tunes_default_method():
 def test_bad_options_are_named():
     s = UniPCScheduler(**SD)
     model, noise = mixture(s.config, 4, 1)
-    for options, name in ((dict(loss="l1"), "loss"), (dict(init="s3"), "init"), (dict(validation_fraction=1.0), "validation_fraction"),
+    for options, name in ((dict(loss="l1"), "loss"), (dict(loss="rms"), "loss"), (dict(init="s3"), "init"), (dict(validation_fraction=1.0), "validation_fraction"),
                           (dict(patience=0), "patience"), (dict(iters=-1), "iters"), (dict(probe=0), "probe"),
                           (dict(learn_start=1), "learn_start")):
         with pytest.raises(ValueError, match=name):

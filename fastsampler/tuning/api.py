@@ -258,7 +258,7 @@ def tune(scheduler, model, noise: torch.Tensor, num_inference_steps: int | Seque
     (``fastsampler.tuning.timesteps.TimestepSearch``); with ``search="nelder-mead"`` the baseline every method must
     beat, a derivative-free fit of the same time points: ``max_evaluations``, ``validation_fraction``,
     ``initial_step`` (``fastsampler.tuning.nelder_mead.NelderMeadSearch``). ``method="coefficients"``: ``iters``, ``lr``, ``lr_time``,
-    ``learn_timesteps``, ``learn_start`` (the first node too: a truncated start), ``loss`` ("final" | "relaxed"),
+    ``learn_timesteps``, ``learn_start`` (the first node too: a truncated start), ``loss`` ("final" | "distance" | "relaxed"),
     ``slack``, ``patience``, ``lr_decays``, ``validation_fraction``,
     ``consistency`` ("auto" | "full" | "none" | "data"), ``init`` ("base" | "nelder-mead"), ``init_evaluations``, ``fd_step``,
     ``support`` ("history" | "base"), ``history`` (slots; None: every earlier prediction, up to 8), ``lr_warmup``

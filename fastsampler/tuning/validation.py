@@ -17,9 +17,11 @@ from fastsampler.tuning.holdout import Holdout
 
 
 def per_sample_loss(final: torch.Tensor, target: torch.Tensor, loss: str = "final", slack: float = 0.0) -> torch.Tensor:
-    """(B,) the loss of each sample: mean squared error, or (``"relaxed"``) the squared RMS distance beyond
-    ``slack``."""
+    """(B,) the loss of each sample: mean squared error, (``"distance"``) its root — the RMS distance, which weighs
+    the rare far sample less — or (``"relaxed"``) the squared RMS distance beyond ``slack``."""
     mse = (final.to(torch.float64) - target.to(torch.float64)).pow(2).flatten(1).mean(1)
+    if loss == "distance":
+        return mse.clamp_min(1e-30).sqrt()
     if loss == "relaxed":
         return torch.relu(mse.clamp_min(1e-30).sqrt() - slack).pow(2)
     return mse
