@@ -43,10 +43,11 @@ RMS distance (``loss="distance"``: the distance d of S4S / LD3 / GS as L2, not i
 samples weigh less); or LD3's relaxed form (``loss="relaxed"``: per sample, only the RMS distance beyond ``slack``
 counts; Tong et al., ICLR 2025). Validation uses the same per-sample loss. "distance" against "final", held-out
 RMSE as a ratio to the best built-in (``benchmarks/tune_bench.py`` cells, 2026-12-07): on the networks it is lower
-— digits DDPM NFE 5 0.572× vs 0.716×, NFE 10 0.747× vs 0.769×, guided w 4 NFE 5 0.638× vs 0.749× — with FID about
-equal (NFE 5: 0.841 / 1.127 vs 0.804 / 1.063; w 4: 0.713 / 0.672 vs 0.687 / 0.669); on the exact mixtures, whose
-rare samples end in another mode, it is higher (geometric mean over their ten cells 1.27× vs 1.07×), so "final"
-stays the default.
+in four of six cells — digits DDPM NFE 5 0.572× vs 0.716×, NFE 6 0.612× vs 0.82×, NFE 10 0.747× vs 0.769×, guided
+w 4 NFE 5 0.638× vs 0.749× — and higher at digits NFE 4 (0.602× vs 0.54×) and guided w 1.5 NFE 5 (0.719× vs
+0.69×), with FID about equal (NFE 5: 0.841 / 1.127 vs 0.804 / 1.063; w 4: 0.713 / 0.672 vs 0.687 / 0.669); on the
+exact mixtures, whose rare samples end in another mode, it is higher (geometric mean over their ten cells 1.27× vs
+1.07×), so "final" stays the default.
 
 Validation: without held-out noises (``holdout``) the last ``validation_fraction`` of the fitting batch is held out
 *inside* the batch — the model still sees the whole batch, so per-sample conditions that follow the batch position
