@@ -149,12 +149,13 @@ def test_validation_never_returns_a_plan_worse_than_the_base():
     assert report.validation == "held-out noises (8)"
 
 
-def test_a_killed_run_resumes_to_the_same_plan(tmp_path):
+@pytest.mark.parametrize("options", [dict(consistency="full"), dict(consistency="none", learn_eval_times=True, lr=0.01)])
+def test_a_killed_run_resumes_to_the_same_plan(tmp_path, options):
     s = UniPCScheduler(**SD)
     s.set_timesteps(4)
     model, noise = mixture(s.config, 8, 7)
     target = teacher_trajectories(s, model, noise, TeacherSpec(steps=60), None, progress=False)[-1]
-    search = CoefficientSearch(iters=8, patience=50, lr=0.05, init="base", consistency="full")
+    search = CoefficientSearch(**{"iters": 8, "patience": 50, "lr": 0.05, "init": "base", **options})
     whole, _ = learn_coefficients(s, model, noise, target, search, progress=False)
 
     class Killed(Exception):
@@ -176,6 +177,8 @@ def test_a_killed_run_resumes_to_the_same_plan(tmp_path):
     assert not report.kept_base  # the resumed run knows its base's validation loss
     np.testing.assert_allclose(resumed.coef, whole.coef, rtol=1e-12, atol=1e-12)
     assert list(resumed.timesteps) == list(whole.timesteps)
+    if search.learn_eval_times:  # the learned evaluation times are in the plan (and came back from the checkpoint)
+        assert whole.meta["eval_times"] == "decoupled"
 
 
 def test_tune_coefficients_saves_and_loads_in_a_pipeline(tmp_path):
@@ -455,29 +458,100 @@ def test_the_gradient_reaches_the_start_node():
     assert float(u.grad[0]) == pytest.approx((loss(a + eps) - loss(a - eps)) / (2 * eps), rel=1e-3)
 
 
-def test_a_truncated_start_plan_saves_and_loads_in_a_pipeline(tmp_path):
-    """A plan that starts below the schedule's first level (what ``learn_start`` learns) runs in a diffusers
-    pipeline from its folder with the same images."""
+def reloaded_from_a_pipeline_folder(s, n: int, tmp_path):
+    """``s`` (with a plan for ``n`` steps) saved in a tiny DDPM pipeline's folder and loaded back; asserts the
+    loaded scheduler has the same plan and gives the same images."""
     from diffusers import DDPMPipeline, DiffusionPipeline, UNet2DModel
 
     unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 8),
                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
                        norm_num_groups=4)
+    pipe = DDPMPipeline(unet=unet, scheduler=s)
+    pipe.save_pretrained(tmp_path)
+    back = DiffusionPipeline.from_pretrained(tmp_path)
+    loaded = back.scheduler
+    assert loaded.plans[n].fingerprint() == s.plans[n].fingerprint()
+    images = []
+    for scheduler in (loaded, s):
+        back.scheduler = scheduler
+        images.append(back(batch_size=2, num_inference_steps=n, output_type="np",
+                           generator=torch.Generator().manual_seed(1)).images)
+    assert (images[0] == images[1]).all() and np.isfinite(images[0]).all()
+    loaded.set_timesteps(n)
+    return loaded
+
+
+def test_a_truncated_start_plan_saves_and_loads_in_a_pipeline(tmp_path):
+    """A plan that starts below the schedule's first level (what ``learn_start`` learns) runs in a diffusers
+    pipeline from its folder with the same images."""
     s = UniPCScheduler(**SD)
     s.set_timesteps(4)
     family = GridFamily(s, 0, free_start=True)
     u = torch.tensor(family.u_from(family.interior0))
     u[0] = 0.2 / family.START_RATE
     s.set_plan(family.plan(family.interior(u).numpy(), round_timesteps=True))
-    pipe = DDPMPipeline(unet=unet, scheduler=s)
-    pipe.save_pretrained(tmp_path)
-    back = DiffusionPipeline.from_pretrained(tmp_path)
-    assert back.scheduler.plans[4].fingerprint() == s.plans[4].fingerprint()
-    back.scheduler.set_timesteps(4)
-    assert int(back.scheduler.timesteps[0]) < 999
-    images = []
-    for scheduler in (back.scheduler, s):
-        back.scheduler = scheduler
-        images.append(back(batch_size=2, num_inference_steps=4, output_type="np",
-                           generator=torch.Generator().manual_seed(1)).images)
-    assert (images[0] == images[1]).all() and np.isfinite(images[0]).all()
+    assert int(reloaded_from_a_pipeline_folder(s, 4, tmp_path).timesteps[0]) < 999
+
+
+@pytest.mark.parametrize("config", [SD, FLOW])
+def test_the_gradient_reaches_the_decoupled_evaluation_times(config):
+    """d loss / d ξ (free rows call the model at t_i + b_i tanh ξ_i) equals a finite difference of exact runs of
+    the materialised plan; the consistent fits keep the nodes' own times."""
+    s = UniPCScheduler(**config)
+    s.set_timesteps(5)
+    model, noise = mixture(s.config, 8, 2)
+    target = run(s.plan, model, noise)[0] + 0.05  # any fixed target: the derivative is what is checked
+    param = Parametrisation(s, CoefficientSearch(consistency="none", learn_eval_times=True))
+    assert param.decoupled
+    assert not Parametrisation(s, CoefficientSearch(consistency="full", learn_eval_times=True)).decoupled
+    assert not Parametrisation(s, CoefficientSearch(consistency="none")).decoupled  # the default: the nodes' times
+    u, theta = param.initial_u(), torch.zeros(param.support.shape, dtype=torch.float64)
+    xi = torch.linspace(-0.3, 0.4, 5, dtype=torch.float64).requires_grad_(True)
+    (sample(param, u, theta, model, noise, torch.float64, xi) - target).pow(2).mean().backward()
+
+    def loss(j: int, step: float) -> float:
+        v = xi.detach().clone()
+        v[j] += step
+        with torch.no_grad():
+            return float((run(param.materialise(u, theta, v), model, noise)[0] - target).pow(2).mean())
+
+    eps = 1e-5
+    moved = [j for j in range(5) if param.eval_bounds(s.plan)[j] > 0]
+    assert len(moved) >= 4  # the first node at the largest trained time cannot move up, so it holds
+    for j in moved:
+        assert float(xi.grad[j]) == pytest.approx((loss(j, eps) - loss(j, -eps)) / (2 * eps), rel=1e-4, abs=1e-12)
+
+
+@pytest.mark.parametrize("round_timesteps", [False, True])
+def test_decoupled_evaluation_times_stay_ordered_and_in_the_trained_range(round_timesteps):
+    """Whatever ξ, the evaluation times decrease strictly and stay inside [final level, largest trained time];
+    rounded ones are distinct integers, and ξ = 0 is the grid's own times."""
+    s = UniPCScheduler(**SD)
+    s.set_timesteps(8)
+    param = Parametrisation(s, CoefficientSearch(consistency="none", learn_start=True, learn_eval_times=True))
+    u = param.initial_u()
+    u[0] = 0.1 / param.family.START_RATE  # a truncated start: the first node can move up as well
+    theta = torch.zeros(param.support.shape, dtype=torch.float64)
+    grid = param.materialise(u, theta, torch.zeros(8, dtype=torch.float64), round_timesteps)
+    assert grid.timesteps.tolist() == param.plan_at(u, round_timesteps).timesteps.tolist()
+    top = float(s.model_timesteps(np.array([s.training_rho_range()[1]]))[0])
+    for seed in range(20):
+        xi = 10 * torch.randn(8, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        t = param.materialise(u, theta, xi, round_timesteps).timesteps
+        assert np.all(np.diff(t) < 0) and t[0] <= top and t[-1] >= 0
+        if round_timesteps:
+            assert np.array_equal(t, np.round(t))
+
+
+def test_a_plan_with_decoupled_evaluation_times_saves_and_loads_in_a_pipeline(tmp_path):
+    """The pipeline calls the model at the learned times (not the grid's), and the plan's folder reproduces its
+    images."""
+    s = UniPCScheduler(**SD)
+    s.set_timesteps(4)
+    param = Parametrisation(s, CoefficientSearch(consistency="none", learn_eval_times=True))
+    xi = torch.tensor([0.0, 0.8, -0.8, 0.5], dtype=torch.float64)
+    plan = param.materialise(param.initial_u(), torch.zeros(param.support.shape, dtype=torch.float64), xi, True)
+    assert plan.meta["eval_times"] == "decoupled" and not np.array_equal(plan.timesteps, s.plan.timesteps)
+    s.set_plan(plan)
+    loaded = reloaded_from_a_pipeline_folder(s, 4, tmp_path)
+    assert loaded.timesteps.tolist() == plan.timesteps.astype(int).tolist()

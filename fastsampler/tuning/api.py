@@ -201,7 +201,7 @@ def _tune_coefficients(student, fit_model, noise, reference, n, options: dict, c
     return plan, asdict(result), asdict(search)
 
 
-COEFFICIENT_OPTIONS = ("iters", "lr", "lr_time", "learn_timesteps", "learn_start", "loss", "slack", "patience",
+COEFFICIENT_OPTIONS = ("iters", "lr", "lr_time", "learn_timesteps", "learn_start", "learn_eval_times", "loss", "slack", "patience",
                        "lr_decays", "validation_fraction", "consistency", "init", "init_evaluations", "fd_step",
                        "support", "history", "probe", "lr_warmup")
 
@@ -258,7 +258,8 @@ def tune(scheduler, model, noise: torch.Tensor, num_inference_steps: int | Seque
     (``fastsampler.tuning.timesteps.TimestepSearch``); with ``search="nelder-mead"`` the baseline every method must
     beat, a derivative-free fit of the same time points: ``max_evaluations``, ``validation_fraction``,
     ``initial_step`` (``fastsampler.tuning.nelder_mead.NelderMeadSearch``). ``method="coefficients"``: ``iters``, ``lr``, ``lr_time``,
-    ``learn_timesteps``, ``learn_start`` (the first node too: a truncated start), ``loss`` ("final" | "distance" | "relaxed"),
+    ``learn_timesteps``, ``learn_start`` (the first node too: a truncated start), ``learn_eval_times`` (free rows call
+    the model at a learned offset from each node's time), ``loss`` ("final" | "distance" | "relaxed"),
     ``slack``, ``patience``, ``lr_decays``, ``validation_fraction``,
     ``consistency`` ("auto" | "full" | "none" | "data"), ``init`` ("base" | "nelder-mead"), ``init_evaluations``, ``fd_step``,
     ``support`` ("history" | "base"), ``history`` (slots; None: every earlier prediction, up to 8), ``lr_warmup``

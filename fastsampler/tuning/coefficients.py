@@ -18,7 +18,19 @@ Parameters, learned jointly by Adam against the teacher's final samples (a globa
   so θ = 0 at the initial grid is the scheduler itself, bit for bit. ``support="history"`` (default) corrects every
   source the step can read — X, P, the registers written so far and every earlier prediction, on a history ring of
   ``history`` slots (default: all N, up to the fused kernel's 8; ``fastsampler.tuning.support``), as S4S and GS
-  learn weights on the whole history; ``support="base"`` only the base row's non-zero entries.
+  learn weights on the whole history; ``support="base"`` only the base row's non-zero entries;
+* decoupled evaluation times (``learn_eval_times=True``; free rows only): the model is called at
+  t'_i = t_i + b_i tanh(ξ_i), b_i = ½ · the smaller model-time gap to a neighbouring node (the first node's upper
+  neighbour: the largest trained time), while the coefficients keep the grid's λ_i — LD3's evaluation grid
+  (bounded by half the smallest gap), S4S's and GS's ξ. ξ = 0 is the grid's own times; the evaluation times stay
+  ordered and trained, and are rounded (kept distinct) where the model needs integers. Not in the consistent fits
+  ("full", "data"): an exact model called at a shifted time returns another output, which would break the
+  consistency they keep. Off by default. Held-out RMSE as a ratio to the best built-in, on versus off
+  (``benchmarks/tune_bench.py`` cells, 2026-12-07): digits DDPM NFE 5 0.66× vs 0.72× (FID 0.901 / 1.110 vs
+  0.804 / 1.063: farther from DDIM 250's 0.851 / 1.059), NFE 10 0.75× vs 0.77× (FID 0.804 / 0.986 vs 0.836 /
+  1.018); guided w 4 NFE 5 0.68× vs 0.75× (FID 0.692 / 0.674 vs 0.687 / 0.669), w 1.5 NFE 5 0.70× vs 0.69×; the
+  exact mixtures' ten cells 1.13× vs 1.06× (geometric mean; a quarter of the gap instead of half: 1.01×, digits NFE 5
+  0.73×, FID 0.872 / 1.156).
 
 Consistency (zeroth order): Π projects each row's correction onto the corrections that change nothing on an exactly
 consistent run — x_i = α_i x₀ + σ_i ε with the exact model output of a point mass at x₀, i.e. δ·S = 0 where S
@@ -86,6 +98,7 @@ LOSSES = ("final", "distance", "relaxed")
 CONSISTENCY = ("auto", "full", "none", "data")
 COMPONENTS = {"data": slice(0, 1), "full": slice(0, 2)}  # the (x₀, ε) components a projection keeps exact
 INITS = ("nelder-mead", "base")
+EVAL_SHARE = 0.5  # decoupled evaluation times move at most this share of the gap to a neighbouring node (LD3)
 MIN_IMPROVEMENT = 1e-4  # relative: smaller validation gains do not reset the patience
 
 
@@ -96,6 +109,7 @@ class CoefficientSearch:
     lr_time: float = 0.02  # on the grid parameters (as TimestepSearch)
     learn_timesteps: bool = True
     learn_start: bool = True  # the first node too (a truncated start; ``GridFamily``); needs learn_timesteps
+    learn_eval_times: bool = False  # free rows call the model at t_i + b_i tanh(ξ_i), ξ learned (module docstring)
     loss: str = "final"
     slack: float = 0.0  # relaxed loss: RMS distance (per sample) that costs nothing
     patience: int = 20  # iterations without a validation gain before the step size halves (LD3)
@@ -124,7 +138,7 @@ class CoefficientSearch:
         if self.support not in SUPPORTS:
             raise ValueError(f"coefficients search: `support` must be one of {SUPPORTS}, got {self.support!r}")
         check_history(self.history)
-        for name in ("learn_timesteps", "learn_start"):
+        for name in ("learn_timesteps", "learn_start", "learn_eval_times"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"coefficients search: `{name}` must be True or False, got {getattr(self, name)!r}")
         mode = {True: "full", False: "none"}.get(self.consistency, self.consistency) \
@@ -238,6 +252,8 @@ class Parametrisation:
         self.support = alive_sources(self.start) if search.support == "history" else rows0 != 0.0
         self.scale = np.where(rows0 != 0.0, np.abs(rows0), ZERO_SCALE)
         self.prediction_type = scheduler.config.prediction_type
+        # a shifted evaluation time changes what an exact model returns on a consistent run: free rows only
+        self.decoupled = search.learn_eval_times and search.consistency == "none"
 
     def initial_u(self) -> torch.Tensor:
         if self.family is None:
@@ -261,6 +277,24 @@ class Parametrisation:
             return self.start
         return self.family.plan(self.family.interior(u).numpy(), round_timesteps)
 
+    # Decoupled evaluation times: t'_i = t_i + b_i tanh(ξ_i) -------------------------------------------------
+    def eval_bounds(self, plan: Plan) -> np.ndarray:
+        """(N,) b_i = EVAL_SHARE · the smaller model-time gap to the neighbouring nodes (the first node's upper
+        neighbour: the largest trained time), so the evaluation times stay ordered and inside the trained range."""
+        if not self.decoupled:
+            return np.zeros(plan.num_steps)
+        floor, ceil = self.scheduler.training_rho_range()
+        t = np.asarray(plan.timesteps, dtype=np.float64)
+        final = float(self.scheduler.model_timesteps(np.array([max(float(plan.rho[-1]), floor)]))[0])
+        top = float(self.scheduler.model_timesteps(np.array([ceil]))[0])
+        upper = np.concatenate([[max(top - t[0], 0.0)], t[:-1] - t[1:]])
+        lower = np.concatenate([t[:-1] - t[1:], [max(t[-1] - final, 0.0)]])
+        return EVAL_SHARE * np.minimum(upper, lower)
+
+    def eval_shift(self, plan: Plan, xi: torch.Tensor) -> torch.Tensor:
+        """b ⊙ tanh(ξ): the model-time offsets of the steps (0 at ξ = 0)."""
+        return torch.as_tensor(self.eval_bounds(plan)) * torch.tanh(xi)
+
     def correction(self, plan: Plan, theta: torch.Tensor) -> torch.Tensor:
         """|base₀| ⊙ Π θ on the support (Π from ``plan``'s grid)."""
         delta = torch.as_tensor(self.scale) * theta * torch.as_tensor(self.support)
@@ -271,17 +305,32 @@ class Parametrisation:
             self._projected = (plan, torch.as_tensor(projectors(plan, self.support, self.prediction_type, mode)))
         return torch.einsum("nocd,nod->noc", self._projected[1], delta)
 
-    def materialise(self, u: torch.Tensor, theta: torch.Tensor, round_timesteps: bool = False) -> Plan:
+    def materialise(self, u: torch.Tensor, theta: torch.Tensor, xi: torch.Tensor | None = None,
+                    round_timesteps: bool = False) -> Plan:
         plan = self.plan_at(u, round_timesteps)
-        if not torch.any(theta != 0):
+        if torch.any(theta != 0):
+            rows = used_rows(plan) + self.correction(plan, theta).detach().numpy()
+            plan = with_rows(plan, rows, {"tuned": "coefficients"})
+        if xi is None or not torch.any(xi != 0):
             return plan
-        rows = used_rows(plan) + self.correction(plan, theta).detach().numpy()
-        return with_rows(plan, rows, {"tuned": "coefficients"})
+        return self.with_eval_times(plan, self.plan_at(u), xi, round_timesteps)
+
+    def with_eval_times(self, plan: Plan, continuous: Plan, xi: torch.Tensor, round_timesteps: bool) -> Plan:
+        """``plan`` evaluating the model at t'_i (from ``continuous``'s unrounded times); integers where the model
+        needs them, kept strictly decreasing."""
+        t = np.asarray(continuous.timesteps, dtype=np.float64) + self.eval_shift(continuous, xi.detach()).numpy()
+        if round_timesteps:
+            t = np.round(t)
+            for i in range(1, len(t)):  # two offsets may round onto one integer
+                t[i] = min(t[i], t[i - 1] - 1.0)
+        meta = {**dict(plan.meta), "tuned": "coefficients", "schedule": self.scheduler._fingerprint(t),
+                "eval_times": "decoupled"}
+        return replace(plan, timesteps=t, meta=meta)
 
 
 def sample(param: Parametrisation, u: torch.Tensor, theta: torch.Tensor, model: Callable, noise: torch.Tensor,
-           dtype: torch.dtype) -> torch.Tensor:
-    """The final sample of the plan at (u, θ), differentiable in both."""
+           dtype: torch.dtype, xi: torch.Tensor | None = None) -> torch.Tensor:
+    """The final sample of the plan at (u, θ, ξ), differentiable in all three (ξ None: the nodes' own times)."""
     if param.family is None:
         plan = param.start
         coef = torch.tensor(plan.coef, dtype=dtype)
@@ -294,6 +343,8 @@ def sample(param: Parametrisation, u: torch.Tensor, theta: torch.Tensor, model: 
         coef, out_map, times = (torch.tensor(v, dtype=dtype) + torch.tensor(j, dtype=dtype) @ d_lambda
                                 for v, j in zip(values, jac))
     delta = param.correction(plan, theta).to(dtype)
+    if xi is not None:
+        times = times + param.eval_shift(plan, xi).to(dtype)
     state = start(plan, noise)
     for i in range(plan.num_steps):
         row = coef[row_level(plan, state), i] + delta[i]
@@ -376,10 +427,14 @@ class CoefficientFit:
         self.shard = BatchShard(ctx, model, noise, target, self.validation)
         self.u = u = param.initial_u().requires_grad_(param.family is not None)
         self.theta = theta = param.initial_theta(u.detach()).requires_grad_(True)
+        # ξ = 0: the nodes' own times (a start plan's are those of its grid: the fits it comes from are not decoupled)
+        self.xi = xi = torch.zeros(param.base.num_steps, dtype=torch.float64).requires_grad_(param.decoupled)
         groups = [{"params": [theta], "lr": search.lr}] + ([{"params": [u], "lr": search.lr_time}]
-                                                          if param.family is not None else [])
+                                                          if param.family is not None else []) \
+            + ([{"params": [xi], "lr": search.lr_time}] if param.decoupled else [])
         self.optimiser = torch.optim.Adam(groups)
-        self.best = {"u": u.detach().clone(), "theta": theta.detach().clone(), "loss": math.inf, "iteration": 0}
+        self.best = {"u": u.detach().clone(), "theta": theta.detach().clone(), "xi": xi.detach().clone(),
+                     "loss": math.inf, "iteration": 0}
         self.schedule = {"decays": 0, "since": 0}
         self.next = 0  # the next iteration
         self.done = False
@@ -392,6 +447,7 @@ class CoefficientFit:
                 with torch.no_grad():
                     u.copy_(saved["u"])
                     theta.copy_(saved["theta"])
+                    xi.copy_(saved["xi"])
                 self.optimiser.load_state_dict(saved["adam"])
                 self.best, self.next, self.schedule = saved["best"], saved["iteration"], saved["schedule"]
                 report.fit_losses, report.validation_losses = saved["fit_losses"], saved["validation_losses"]
@@ -409,7 +465,7 @@ class CoefficientFit:
     def train(self, until: int | None = None) -> "CoefficientFit":
         """Run iterations up to (not including) ``until``, or to the end of training."""
         search, report, best = self.search, self.report, self.best
-        u, theta, optimiser, shard, param = self.u, self.theta, self.optimiser, self.shard, self.param
+        u, theta, xi, optimiser, shard, param = self.u, self.theta, self.xi, self.optimiser, self.shard, self.param
         last = search.iters + 1 if until is None else min(until, search.iters + 1)
         if self.done or self.next >= last:
             return self
@@ -427,17 +483,18 @@ class CoefficientFit:
                 with torch.no_grad():
                     u.copy_(best["u"])
                     theta.copy_(best["theta"])
+                    xi.copy_(best["xi"])
                 self.schedule = {"decays": self.schedule["decays"] + 1, "since": it}
-            for group, rate in zip(optimiser.param_groups, (search.lr, search.lr_time)):
+            for group, rate in zip(optimiser.param_groups, (search.lr, search.lr_time, search.lr_time)):
                 group["lr"] = rate * 0.5 ** self.schedule["decays"] * min(1.0, (it + 1) / search.lr_warmup)
             optimiser.zero_grad()
-            final = sample(param, u, theta, shard.model, shard.noise, self.dtype)
+            final = sample(param, u, theta, shard.model, shard.noise, self.dtype, xi)
             losses = per_sample_loss(final, shard.target, search.loss, search.slack)
             fit_loss = losses[shard.fit].sum() / shard.n_fit
             report.model_evaluations += param.base.num_steps
             report.fit_losses.append(shard.total(fit_loss))
             if self.holdout is not None:
-                score = self.holdout.loss(param.materialise(u.detach(), theta.detach()))
+                score = self.holdout.loss(param.materialise(u.detach(), theta.detach(), xi.detach()))
             else:
                 score = shard.total(losses[shard.held].sum()) / shard.n_held
                 score = score if math.isfinite(score) else math.inf
@@ -445,12 +502,12 @@ class CoefficientFit:
             if it == 0:
                 report.validation_start = score
             if score < best["loss"] * (1 - MIN_IMPROVEMENT) or it == 0:
-                best = self.best = {"u": u.detach().clone(), "theta": theta.detach().clone(), "loss": score,
-                                    "iteration": it}
+                best = self.best = {"u": u.detach().clone(), "theta": theta.detach().clone(),
+                                    "xi": xi.detach().clone(), "loss": score, "iteration": it}
             bar.set_postfix(fit=f"{report.fit_losses[-1]:.4g}", val=f"{score:.4g}", best=f"{best['loss']:.4g}")
             if it < search.iters and math.isfinite(report.fit_losses[-1]):
                 fit_loss.backward()
-                shard.reduce_gradients([theta, u])
+                shard.reduce_gradients([theta, u, xi])
                 optimiser.step()
             self.next = it + 1
             self._save()
@@ -465,7 +522,7 @@ class CoefficientFit:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        torch.save({"key": self.key, "u": self.u.detach(), "theta": self.theta.detach(),
+        torch.save({"key": self.key, "u": self.u.detach(), "theta": self.theta.detach(), "xi": self.xi.detach(),
                     "adam": self.optimiser.state_dict(), "best": self.best, "schedule": self.schedule,
                     "iteration": self.next, "fit_losses": self.report.fit_losses,
                     "validation_losses": self.report.validation_losses,
@@ -554,7 +611,7 @@ def _final_plan(scheduler, param: Parametrisation, best: dict, model, noise, tar
         candidates.append((report.validation_start, param.given_start))
     if best["iteration"] > 0:
         discrete = scheduler.timesteps.dtype == torch.int64
-        tuned = param.materialise(best["u"], best["theta"], round_timesteps=discrete)
+        tuned = param.materialise(best["u"], best["theta"], best["xi"], round_timesteps=discrete)
         score = _validation_of(tuned, model, noise, target, search, validation, report)
         report.rounding_cost = score / best["loss"] if best["loss"] > 0 else 1.0
         candidates.append((score, tuned))
