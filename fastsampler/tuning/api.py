@@ -201,8 +201,8 @@ def _tune_coefficients(student, fit_model, noise, reference, n, options: dict, c
     return plan, asdict(result), asdict(search)
 
 
-COEFFICIENT_OPTIONS = ("iters", "lr", "lr_time", "learn_timesteps", "learn_start", "learn_eval_times", "loss", "slack", "patience",
-                       "lr_decays", "validation_fraction", "consistency", "init", "init_evaluations", "fd_step",
+COEFFICIENT_OPTIONS = ("iters", "lr", "lr_time", "learn_timesteps", "learn_start", "learn_eval_times", "loss", "slack",
+                       "patience", "lr_decays", "validation_fraction", "consistency", "init", "init_evaluations", "fd_step",
                        "support", "history", "probe", "lr_warmup")
 
 

@@ -429,9 +429,9 @@ class CoefficientFit:
         self.theta = theta = param.initial_theta(u.detach()).requires_grad_(True)
         # ξ = 0: the nodes' own times (a start plan's are those of its grid: the fits it comes from are not decoupled)
         self.xi = xi = torch.zeros(param.base.num_steps, dtype=torch.float64).requires_grad_(param.decoupled)
-        groups = [{"params": [theta], "lr": search.lr}] + ([{"params": [u], "lr": search.lr_time}]
-                                                          if param.family is not None else []) \
-            + ([{"params": [xi], "lr": search.lr_time}] if param.decoupled else [])
+        groups = [{"params": [theta], "lr": search.lr, "rate": search.lr}] \
+            + ([{"params": [u], "lr": search.lr_time, "rate": search.lr_time}] if param.family is not None else []) \
+            + ([{"params": [xi], "lr": search.lr_time, "rate": search.lr_time}] if param.decoupled else [])
         self.optimiser = torch.optim.Adam(groups)
         self.best = {"u": u.detach().clone(), "theta": theta.detach().clone(), "xi": xi.detach().clone(),
                      "loss": math.inf, "iteration": 0}
@@ -485,8 +485,8 @@ class CoefficientFit:
                     theta.copy_(best["theta"])
                     xi.copy_(best["xi"])
                 self.schedule = {"decays": self.schedule["decays"] + 1, "since": it}
-            for group, rate in zip(optimiser.param_groups, (search.lr, search.lr_time, search.lr_time)):
-                group["lr"] = rate * 0.5 ** self.schedule["decays"] * min(1.0, (it + 1) / search.lr_warmup)
+            for group in optimiser.param_groups:
+                group["lr"] = group["rate"] * 0.5 ** self.schedule["decays"] * min(1.0, (it + 1) / search.lr_warmup)
             optimiser.zero_grad()
             final = sample(param, u, theta, shard.model, shard.noise, self.dtype, xi)
             losses = per_sample_loss(final, shard.target, search.loss, search.slack)
