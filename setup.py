@@ -42,8 +42,10 @@ setup(
         # JupyterLab opens them
         "notebooks": NOTEBOOKS,
         # hypothesis: property tests; torchsde / torchdiffeq: k-diffusion's sampling module, the reference of
-        # fastsampler.k_diffusion (k-diffusion itself goes in with --no-deps: its torchvision has no CPU build here)
-        "test": ["pytest>=7,<10", "hypothesis>=6.100,<7", "torchsde>=0.2.6,<0.3", "torchdiffeq>=0.2.4,<0.3", TRITON,
+        # fastsampler.k_diffusion (k-diffusion itself goes in with --no-deps: its torchvision has no CPU build here);
+        # import-linter: the one-way layers (.importlinter, tests/test_layers.py)
+        "test": ["pytest>=7,<10", "hypothesis>=6.100,<7", "torchsde>=0.2.6,<0.3", "torchdiffeq>=0.2.4,<0.3",
+                 "import-linter>=2.1,<3", TRITON,
                  TORCHMETRICS, *PIPELINES, *NOTEBOOKS_RUN],
     },
     entry_points={"console_scripts": ["fastsampler=fastsampler.cli:main"]},

@@ -19,7 +19,7 @@ import click
 import torch
 from diffusers import DDIMScheduler
 
-from fastsampler.eval.digits import NUM_CLASSES, conditional_class_accuracy, load_digits_cond_pipeline, \
+from fastsampler.models.digits import NUM_CLASSES, conditional_class_accuracy, load_digits_cond_pipeline, \
     load_digits_feature_extractor
 
 REPO = Path(__file__).resolve().parents[1]

@@ -69,9 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
 
     import fastsampler
-    from fastsampler.eval.digits import digits_dataset, load_digits_pipeline
+    from fastsampler.models.digits import digits_dataset, load_digits_pipeline
     from fastsampler.tuning.api import default_cache_dir
-    from fastsampler.tuning.model import from_pipeline
+    from fastsampler.models.denoisers import from_pipeline
     from fastsampler.tuning.teacher import TeacherSpec, teacher_trajectories
 
     pipe = load_digits_pipeline(args.variant)

@@ -32,7 +32,7 @@ import torchmetrics
 
 from fastsampler.eval.fid import (Extractor, FIDEvaluator, RunSpec, distributed_context, load_pipeline,
                                   load_reference_images, resolve_scheduler, run_sweep)
-from fastsampler.eval.fid_cli import plot_fid_vs_nfe
+from fastsampler.cli.fid import plot_fid_vs_nfe
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"

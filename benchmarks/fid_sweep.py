@@ -32,9 +32,9 @@ import click
 import torch
 import torchmetrics
 
-from fastsampler.eval.conditions import OptionError, read_prompts
+from fastsampler.models.conditions import OptionError, read_prompts
 from fastsampler.eval.fid import DIGITS_REFERENCES, atomic_write_text, distributed_context, run_sweep
-from fastsampler.eval.fid_cli import (build_specs, format_spread, parse_list, plot_fid_vs_nfe, seed_spread,
+from fastsampler.cli.fid import (build_specs, format_spread, parse_list, plot_fid_vs_nfe, seed_spread,
                                       series_label)
 
 REPO = Path(__file__).resolve().parents[1]

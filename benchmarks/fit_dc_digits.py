@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 import fastsampler
-from fastsampler.eval.digits import assets_dir, load_digits_cond_pipeline, load_digits_pipeline
+from fastsampler.models.digits import assets_dir, load_digits_cond_pipeline, load_digits_pipeline
 from fastsampler.tuning.cpr import fit_cpr, write_cpr_file, write_ratio_file
 from stamp import run_stamp
 

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 import fastsampler
-from fastsampler.eval.digits import assets_dir, load_digits_cond_pipeline, load_digits_pipeline
+from fastsampler.models.digits import assets_dir, load_digits_cond_pipeline, load_digits_pipeline
 from fastsampler.eval.fid import fid_scorer
 from stamp import run_stamp
 

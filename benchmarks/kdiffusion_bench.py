@@ -106,7 +106,7 @@ def config_of(config: dict) -> dict:
 def digits_rows(nfes: list[int], fid_samples: int, seeds: list[int]) -> list[dict]:
     import fastsampler
     import fastsampler.k_diffusion as K
-    from fastsampler.eval.digits import load_digits_pipeline
+    from fastsampler.models.digits import load_digits_pipeline
     from fastsampler.eval.fid import fid_scorer
 
     pipe = load_digits_pipeline()

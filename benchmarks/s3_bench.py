@@ -25,7 +25,7 @@ import torch
 import fastsampler
 from fastsampler.eval import bench as bench_lib
 from fastsampler.eval import gmm
-from fastsampler.tuning.model import MixtureDenoiserModel
+from fastsampler.models.denoisers import MixtureDenoiserModel
 from ratio_tables import bench_seeds, ratio_table, seed_ratio_table
 from stamp import run_stamp
 

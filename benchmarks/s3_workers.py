@@ -25,8 +25,8 @@ import torch
 import fastsampler
 from fastsampler.eval import bench as bench_lib
 from fastsampler.eval import gmm
-from fastsampler.eval.distributed import distributed_context
-from fastsampler.tuning.model import MixtureDenoiserModel
+from fastsampler.runtime.distributed import distributed_context
+from fastsampler.models.denoisers import MixtureDenoiserModel
 
 RESULTS = Path(__file__).resolve().parent / "results" / "s3_workers.json"
 

@@ -1,6 +1,6 @@
 """Train the digits CNN whose penultimate layer is the FID feature space of the embedded digits benchmark.
 
-Same preprocessing as the DDPM (``fastsampler.eval.digits.digits_dataset``: [-1, 1], 16x16), trained on the
+Same preprocessing as the DDPM (``fastsampler.models.digits.digits_dataset``: [-1, 1], 16x16), trained on the
 ``"train"`` split with ±1-pixel random shifts, evaluated on ``"test"``. Writes the weights to
 ``fastsampler/assets/digits_classifier.safetensors`` and the accuracy/settings to
 ``fastsampler/assets/digits_classifier.json`` (and a copy in ``benchmarks/results/``).
@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from fastsampler.eval.digits import CLASSIFIER_FILE, assets_dir, digits_dataset
-from fastsampler.eval.features import DigitsCNN
+from fastsampler.models.digits import CLASSIFIER_FILE, assets_dir, digits_dataset
+from fastsampler.models.features import DigitsCNN
 
 REPO = Path(__file__).resolve().parents[1]
 

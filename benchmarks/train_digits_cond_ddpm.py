@@ -6,7 +6,7 @@ for "no label" — ε-prediction, 1000 steps, linear betas 1e-4..0.02, AdamW wit
 
 Label dropout: each training label is replaced by ``NULL_LABEL`` with probability ``--label-dropout`` (drawn from
 the run's generator), so the one network learns both ε(x, t, c) and ε(x, t, ∅) — what classifier-free guidance
-ε_∅ + w (ε_c − ε_∅) needs (``fastsampler.eval.cond_pipeline.DigitsConditionalPipeline``).
+ε_∅ + w (ε_c − ε_∅) needs (``fastsampler.models.digits_pipeline.DigitsConditionalPipeline``).
 
 Checkpoints to ``--ckpt`` every ``--ckpt-every`` steps and resumes from it when restarted with the same settings.
 At the end the EMA weights are saved as a ``DigitsConditionalPipeline`` folder (safetensors) and the settings,
@@ -22,8 +22,8 @@ from pathlib import Path
 import click
 import torch
 
-from fastsampler.eval.cond_pipeline import DigitsConditionalPipeline
-from fastsampler.eval.digits import COND_PIPELINE_DIR, IMAGE_SIZE, NULL_LABEL, NUM_CLASS_EMBEDS, assets_dir, \
+from fastsampler.models.digits_pipeline import DigitsConditionalPipeline
+from fastsampler.models.digits import COND_PIPELINE_DIR, IMAGE_SIZE, NULL_LABEL, NUM_CLASS_EMBEDS, assets_dir, \
     digits_dataset
 from train_digits_ddpm import REPO, build_scheduler, build_unet, diffusion_loss, held_out_loss, merge_result, \
     train_with_ema, training_record

@@ -1,6 +1,6 @@
 """Train the embedded 16x16 digits DDPM (a small diffusers ``UNet2DModel``) on the CPU, single-threaded.
 
-Data: ``fastsampler.eval.digits.digits_dataset("train")`` (sklearn digits, [-1, 1], bilinear 8x8 → 16x16).
+Data: ``fastsampler.models.digits.digits_dataset("train")`` (sklearn digits, [-1, 1], bilinear 8x8 → 16x16).
 Diffusion: 1000 training steps, linear betas 1e-4..0.02 (``DDPMScheduler``), ε- or v-prediction, plain MSE.
 Optimiser: AdamW, linear warm-up then cosine decay; an EMA of the weights is what gets saved.
 
@@ -30,7 +30,7 @@ import click
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from fastsampler.eval.digits import IMAGE_SIZE, PIPELINE_DIRS, assets_dir, digits_dataset
+from fastsampler.models.digits import IMAGE_SIZE, PIPELINE_DIRS, assets_dir, digits_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "digits_ddpm_train.json"

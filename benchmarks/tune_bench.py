@@ -53,15 +53,15 @@ def case(name: str, batch: int, seed: int) -> tuple[Callable, torch.Tensor, dict
     """(model(x, t) for ``batch`` noises, the noises, the scheduler config) of a case."""
     if name.startswith("mixture"):
         from fastsampler.eval import bench, gmm
-        from fastsampler.tuning.model import MixtureDenoiserModel
+        from fastsampler.models.denoisers import MixtureDenoiserModel
 
         guidance = float(name.partition("cfg")[2]) if "cfg" in name else None
         setup = bench.BenchSetup("sd", None, guidance, batch, seed)
         config = setup.config
         return MixtureDenoiserModel(gmm.MixtureModel.from_scheduler_config(setup.denoiser(), config)), \
             setup.noise().double(), config
-    from fastsampler.eval.digits import load_digits_cond_pipeline, load_digits_pipeline
-    from fastsampler.tuning.model import from_pipeline
+    from fastsampler.models.digits import load_digits_cond_pipeline, load_digits_pipeline
+    from fastsampler.models.denoisers import from_pipeline
 
     if name == "digits":
         pipe, options = load_digits_pipeline(), {}
@@ -108,7 +108,7 @@ class FIDCheck:
     fresh noises per seed, for the network cases."""
 
     def __init__(self, name: str, samples: int, seeds: list[int]):
-        from fastsampler.eval.digits import load_digits_cond_pipeline, load_digits_pipeline
+        from fastsampler.models.digits import load_digits_cond_pipeline, load_digits_pipeline
         from fastsampler.eval.fid import fid_scorer
 
         pipe = load_digits_pipeline() if name == "digits" else load_digits_cond_pipeline()

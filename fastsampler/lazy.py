@@ -34,11 +34,11 @@ LAZY_ATTRIBUTES: dict[str, str] = {
     "k_diffusion": "fastsampler.k_diffusion",
     "cli": "fastsampler.cli",
     "shipped": "fastsampler.shipped",
-    "DigitsConditionalPipeline": "fastsampler.eval.cond_pipeline",
+    "DigitsConditionalPipeline": "fastsampler.models.digits_pipeline",
 }
 
 #: pipeline classes ``diffusers`` resolves by name → module that defines them
-PIPELINES: dict[str, str] = {"DigitsConditionalPipeline": "fastsampler.eval.cond_pipeline"}
+PIPELINES: dict[str, str] = {"DigitsConditionalPipeline": "fastsampler.models.digits_pipeline"}
 
 
 def load(name: str, module_name: str) -> Any:

@@ -7,12 +7,9 @@ import sys
 import warnings
 from pathlib import Path
 
-import fastsampler
-
 #: folders whose frames are skipped: a warning from our code, reached through a diffusers pipeline, names the
 #: user's call of the pipeline
-_INSIDE = tuple(str(Path(m.__file__).resolve().parent) for m in (fastsampler,)) + ("/diffusers/", "/torch/",
-                                                                                      "/contextlib.py")
+_INSIDE = (str(Path(__file__).resolve().parent), "/diffusers/", "/torch/", "/contextlib.py")
 
 
 def caller_stacklevel() -> int:

@@ -50,9 +50,9 @@ import torch
 
 import fastsampler
 from fastsampler import DCSolverScheduler, DPMSolverPlusPlusScheduler, UniPCScheduler
-from fastsampler.eval.digits import load_digits_cond_pipeline
+from fastsampler.models.digits import load_digits_cond_pipeline
 from fastsampler.samplers.transforms.dc import cpr_predict
-from fastsampler.tuning.model import from_pipeline
+from fastsampler.models.denoisers import from_pipeline
 from fastsampler.tuning.teacher import TeacherSpec, teacher_trajectories
 
 diffusers.utils.logging.set_verbosity_error()

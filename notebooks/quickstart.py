@@ -45,7 +45,7 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
 from fastsampler import DEISScheduler, DPMSolverPlusPlusScheduler, UniPCScheduler
-from fastsampler.eval.digits import load_digits_pipeline
+from fastsampler.models.digits import load_digits_pipeline
 
 diffusers.utils.logging.set_verbosity_error()  # no config notices from from_config
 diffusers.utils.logging.disable_progress_bar()  # no tqdm widget while loading

@@ -56,7 +56,7 @@ from diffusers import DiffusionPipeline
 
 import fastsampler
 from fastsampler import DCSolverScheduler, DPMSolverPlusPlusScheduler, UniPCScheduler
-from fastsampler.eval.digits import load_digits_pipeline
+from fastsampler.models.digits import load_digits_pipeline
 
 diffusers.utils.logging.set_verbosity_error()
 diffusers.utils.logging.disable_progress_bar()  # no tqdm widget while loading

@@ -262,7 +262,7 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from fastsampler.eval.distributed import distributed_context
+    from fastsampler.runtime.distributed import distributed_context
 
     ctx = distributed_context()
     plan, report, *_ = fitted_in(ctx)
@@ -287,7 +287,7 @@ def test_two_processes_learn_the_plan_one_process_learns(tmp_path):
 
     import torch.multiprocessing as mp
 
-    from fastsampler.eval.distributed import DistContext
+    from fastsampler.runtime.distributed import DistContext
 
     mp.spawn(_worker, args=(2, 29517, str(tmp_path)), nprocs=2, join=True)
     results = [json.loads((tmp_path / f"result_{r}.json").read_text()) for r in range(2)]

@@ -13,8 +13,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, UniPCMultistepScheduler
 
 import fastsampler
-from fastsampler.eval import digits
-from fastsampler.eval.cond_pipeline import DigitsConditionalPipeline
+from fastsampler.models import digits
+from fastsampler.models.digits_pipeline import DigitsConditionalPipeline
 
 LABELS = [0, 3, 7]
 

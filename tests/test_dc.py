@@ -16,7 +16,7 @@ from fastsampler.eval import gmm
 from fastsampler.samplers.transforms.dc import cpr_predict, lagrange_weights
 from fastsampler.tuning.cpr import fit_cpr, write_cpr_file, write_ratio_file
 from fastsampler.tuning.dc import DCSearch, dc_plan, search_ratios
-from fastsampler.tuning.model import MixtureDenoiserModel
+from fastsampler.models.denoisers import MixtureDenoiserModel
 from fastsampler.tuning.teacher import TeacherSpec, teacher_trajectories
 from parity_util import run_loop
 

@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from fastsampler.eval import bench as bench_lib, gmm, metrics, reference
-from fastsampler.eval.bench_cli import bench
+from fastsampler.cli.bench import bench
 from fastsampler.eval.gmm import GaussianMixture, MixtureDenoiser, MixtureModel
 from fastsampler.eval.reference import Tolerance
 

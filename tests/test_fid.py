@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fastsampler.eval import fid as fidmod
-from fastsampler.eval.digits import (digits_dataset, load_digits_feature_extractor, load_digits_pipeline,
+from fastsampler.models.digits import (digits_dataset, load_digits_feature_extractor, load_digits_pipeline,
                                      pipeline_dir)
 from fastsampler.eval.fid import (DistContext, Extractor, FIDEvaluator, RunSpec, load_reference_images,
                                   resolve_scheduler, run_sweep, sample, shard_path)
@@ -168,7 +168,7 @@ def test_interrupted_run_resumes_only_missing_shards(tmp_path, ref_cache):
 def test_cli_writes_json_and_plot(tmp_path, ref_cache):
     from click.testing import CliRunner
 
-    from fastsampler.eval.fid_cli import fid
+    from fastsampler.cli.fid import fid
 
     result = CliRunner().invoke(fid, ["--scheduler", "DDIMScheduler", "--scheduler",
                                       "DPMSolverMultistepScheduler:solver_order=2", "--steps", "2,3", "-n", "16",
@@ -285,7 +285,7 @@ def test_run_sweep_samples_on_the_local_rank_gpu(monkeypatch, tmp_path):
             moved_to.append(device)
             raise Stop
 
-    monkeypatch.setattr(fidmod, "load_pipeline", lambda path: FakePipeline())
+    monkeypatch.setattr(fidmod.sweep, "load_pipeline", lambda path: FakePipeline())
     with pytest.raises(Stop):
         run_sweep(SPECS[:1], N, tmp_path, device="cuda", progress=False, ctx=fidmod.distributed_context())
     assert moved_to == ["cuda:1"] and calls == [1]
@@ -329,7 +329,7 @@ GUIDED = [RunSpec("DDIMScheduler", 2, {"timestep_spacing": "trailing"}, seed=0, 
 
 @pytest.fixture(scope="module")
 def cond_source():
-    from fastsampler.eval.conditions import SampleSource, conditioning_for
+    from fastsampler.models.conditions import SampleSource, conditioning_for
 
     pipe = fidmod.load_pipeline("digits-cond")
     pipe.set_progress_bar_config(disable=True)
@@ -395,7 +395,7 @@ def test_changing_the_guidance_scale_regenerates_shards(tmp_path, cond_source):
 def test_guidance_options_must_fit_the_pipeline(tmp_path, ref_cache):
     from click.testing import CliRunner
 
-    from fastsampler.eval.fid_cli import fid
+    from fastsampler.cli.fid import fid
 
     common = ["-n", "4", "--steps", "1", "--out", str(tmp_path), "--cache-dir", str(ref_cache), "--no-progress"]
     cases = {("--guidance-scale", "2"): "--guidance-scale 2.0: the pipeline is unconditional",
@@ -420,7 +420,7 @@ def test_guided_two_processes_equal_one_process(tmp_path, ref_cache):
 def test_cli_guided_sweep_reports_the_seed_spread(tmp_path, ref_cache):
     from click.testing import CliRunner
 
-    from fastsampler.eval.fid_cli import fid
+    from fastsampler.cli.fid import fid
 
     result = CliRunner().invoke(fid, ["--pipeline", "digits-cond", "--guidance-scale", "1.5,4", "--seed", "0,1",
                                       "--steps", "2", "-n", "16", "--shard-size", "8", "--out", str(tmp_path),
@@ -449,7 +449,7 @@ def test_text_to_image_shards_follow_the_prompts_and_match_the_stock_pipeline(tm
     from diffusers import DDIMScheduler
     from tiny_pipelines import tiny_sd_pipeline
 
-    from fastsampler.eval.conditions import SampleSource, conditioning_for, read_prompts
+    from fastsampler.models.conditions import SampleSource, conditioning_for, read_prompts
 
     pipe = tiny_sd_pipeline()
     path, prompts = _prompts_file(tmp_path)
@@ -475,7 +475,7 @@ def test_cli_text_to_image_run_from_a_local_folder(tmp_path, ref_cache):
     from click.testing import CliRunner
     from tiny_pipelines import tiny_sd_pipeline
 
-    from fastsampler.eval.fid_cli import fid
+    from fastsampler.cli.fid import fid
 
     tiny_sd_pipeline().save_pretrained(tmp_path / "sd")
     path, prompts = _prompts_file(tmp_path)

@@ -40,7 +40,7 @@ def test_pipelines_and_subpackages_load_on_first_use():
 import json, sys
 import fastsampler
 from diffusers import DiffusionPipeline
-before = "fastsampler.eval.cond_pipeline" in sys.modules
+before = "fastsampler.models.digits_pipeline" in sys.modules
 pipe = DiffusionPipeline.from_pretrained(fastsampler.assets("digits-cond"))
 print(json.dumps({"before": before, "cls": type(pipe).__name__,
                   "same": type(pipe) is fastsampler.DigitsConditionalPipeline,

@@ -17,7 +17,7 @@ import torch
 import fastsampler
 from fastsampler import S3Scheduler, UniPCScheduler
 from fastsampler.eval import bench, gmm
-from fastsampler.tuning.model import MixtureDenoiserModel, UNetDenoiser, from_pipeline
+from fastsampler.models.denoisers import MixtureDenoiserModel, UNetDenoiser, from_pipeline
 from fastsampler.tuning.s3 import S3Search, karras_nodes, search_schedule
 from fastsampler.tuning.teacher import TeacherSpec, teacher_grid, teacher_trajectories
 from fastsampler.tuning.timesteps import TimestepSearch, learn_timesteps
@@ -216,7 +216,7 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from fastsampler.eval.distributed import distributed_context
+    from fastsampler.runtime.distributed import distributed_context
 
     ctx = distributed_context()
     s = UniPCScheduler(**SD)
@@ -307,7 +307,7 @@ def test_karras_nodes_keep_the_ends():
 
 
 def test_unet_denoiser_guidance_and_pipeline_adapter():
-    from fastsampler.eval.digits import load_digits_cond_pipeline
+    from fastsampler.models.digits import load_digits_cond_pipeline
 
     pipe = load_digits_cond_pipeline()
     labels = torch.arange(4) % 10
@@ -325,7 +325,7 @@ def test_unet_denoiser_guidance_and_pipeline_adapter():
 def test_a_conditioned_adapter_passed_to_tune_keeps_its_conditions():
     """``tune(model=UNetDenoiser(unet, labels, w))`` is a model callable, not a pipeline (it holds a ``unet`` too):
     its labels and guidance reach the teacher — it used to be rebuilt as an unconditioned pipeline's denoiser."""
-    from fastsampler.eval.digits import load_digits_cond_pipeline
+    from fastsampler.models.digits import load_digits_cond_pipeline
     from fastsampler.tuning.api import is_pipeline
 
     pipe = load_digits_cond_pipeline()
@@ -349,7 +349,7 @@ def test_a_conditioned_adapter_passed_to_tune_keeps_its_conditions():
 
 @pytest.mark.slow
 def test_cli_tune_writes_a_loadable_scheduler_folder(tmp_path):
-    from fastsampler.eval.digits import pipeline_dir
+    from fastsampler.models.digits import pipeline_dir
 
     out = tmp_path / "tuned"
     done = subprocess.run([sys.executable, "-m", "fastsampler.cli", "tune", "--pipeline", str(pipeline_dir("eps")),
@@ -376,7 +376,7 @@ def test_cli_tune_writes_a_loadable_scheduler_folder(tmp_path):
 @pytest.mark.parametrize("method,extra", [("s3", ["--budget", "24"]), ("timesteps", ["--iters", "2", "--lr", "0.02"]),
                                           ("coefficients", ["--iters", "3", "--lr", "0.02"])])
 def test_cli_tune_searches_and_learns(tmp_path, method, extra):
-    from fastsampler.eval.digits import pipeline_dir
+    from fastsampler.models.digits import pipeline_dir
 
     out = tmp_path / "tuned"
     done = subprocess.run([sys.executable, "-m", "fastsampler.cli", "tune", "--pipeline", str(pipeline_dir("eps")),
@@ -416,7 +416,7 @@ def test_cli_tune_refuses_options_of_another_method():
     from click.testing import CliRunner
 
     from fastsampler.cli import main
-    from fastsampler.eval.digits import pipeline_dir
+    from fastsampler.models.digits import pipeline_dir
 
     result = CliRunner().invoke(main, ["tune", "--pipeline", str(pipeline_dir("eps")), "--method", "dc", "--steps",
                                        "4", "--budget", "100", "--out", "/nonexistent/never"])
@@ -430,7 +430,7 @@ def test_one_name_per_embedded_model_in_every_entry_point():
 
     from fastsampler import shipped
     from fastsampler.eval.fid import embedded_pipeline_dir
-    from fastsampler.tuning.cli import _load_pipeline
+    from fastsampler.cli.tune import _load_pipeline
 
     for name, alias in [("digits", "digits-ddpm"), ("digits-v", "digits-ddpm-v"), ("digits-cond", None)]:
         folder = Path(fastsampler.assets(name))
@@ -456,7 +456,7 @@ def test_shipped_assets_by_name():
         fastsampler.assets("digits-magic")
     assert set(shipped.ASSETS) >= {"digits-s3", "digits-cond-dc-cpr"}
     # the shipped DC ratios run as scheduler options on the model they were fitted for
-    from fastsampler.eval.digits import load_digits_pipeline
+    from fastsampler.models.digits import load_digits_pipeline
 
     pipe = load_digits_pipeline()
     s = UniPCScheduler.from_config(pipe.scheduler.config, dc_ratios_file=fastsampler.assets("digits-dc-ratios"),
@@ -518,7 +518,7 @@ def test_every_shipped_asset_exists_and_tuned_folders_load():
     """Every name in ``fastsampler.shipped.ASSETS`` is in the package; the S³ folders load with their plans, each
     plan fitting the embedded model it was searched for (``set_plan`` checks the schedule)."""
     import fastsampler.shipped as shipped
-    from fastsampler.eval.digits import load_digits_cond_pipeline, load_digits_pipeline
+    from fastsampler.models.digits import load_digits_cond_pipeline, load_digits_pipeline
 
     configs = {"digits": load_digits_pipeline().scheduler.config,
                "digits-cond": load_digits_cond_pipeline().scheduler.config}
@@ -543,7 +543,7 @@ def test_cli_s3_scored_by_fid(tmp_path):
     from click.testing import CliRunner
 
     from fastsampler.cli import main
-    from fastsampler.eval.digits import load_digits_pipeline, pipeline_dir
+    from fastsampler.models.digits import load_digits_pipeline, pipeline_dir
     from fastsampler.eval.fid import fid_scorer
     from fastsampler.tuning.runner import run
 
@@ -559,7 +559,7 @@ def test_cli_s3_scored_by_fid(tmp_path):
     held = torch.randn((64, 1, 16, 16), generator=torch.Generator().manual_seed(1))  # --seed 0 + 1
     tuned = S3Scheduler.from_pretrained(out)
     with torch.no_grad():
-        samples = run(tuned.plans[4], fastsampler.tuning.model.from_pipeline(pipe, 64), held)[0]
+        samples = run(tuned.plans[4], fastsampler.models.denoisers.from_pipeline(pipe, 64), held)[0]
     scorer = fid_scorer(pipe, "digits-train", cache_dir=cache / "ref_stats")
     assert entry["holdout_best"] == pytest.approx(scorer(samples), rel=1e-4)
     assert entry["baseline_score"] > 0.05  # an FID, not the teacher error (≈ 1e-2 here)
@@ -569,7 +569,7 @@ def test_cli_fid_scoring_is_for_s3_only():
     from click.testing import CliRunner
 
     from fastsampler.cli import main
-    from fastsampler.eval.digits import pipeline_dir
+    from fastsampler.models.digits import pipeline_dir
 
     result = CliRunner().invoke(main, ["tune", "--pipeline", str(pipeline_dir("eps")), "--method", "dc", "--steps",
                                        "4", "--fid-reference", "digits-train", "--out", "/nonexistent/never"])
@@ -604,7 +604,7 @@ def test_a_model_whose_labels_follow_the_batch_position_gets_the_right_teacher()
     """The trap: a plain ``model(x, t)`` that conditions sample j on label j (by position) must not be run on slices
     of the batch. Without ``subset`` the teacher runs on the whole batch and equals the subset-aware teacher; a model
     that declares ``per_sample_conditions = False`` is sliced; splitting such a model across processes is refused."""
-    from fastsampler.eval.distributed import DistContext
+    from fastsampler.runtime.distributed import DistContext
 
     s = UniPCScheduler(**SD)
     s.set_timesteps(4)

@@ -93,12 +93,12 @@ class SolverSpec:
     def build(self, config: dict[str, Any]):
         import diffusers
 
-        import fastsampler
+        from fastsampler.adapters.registry import scheduler_class
 
         if self.scheduler.startswith("folder:"):  # a saved (e.g. tuned) scheduler folder
             folder = self.scheduler.removeprefix("folder:")
             cls_name = json.loads((Path(folder) / "scheduler_config.json").read_text())["_class_name"]
-            cls = getattr(fastsampler, cls_name, None) or getattr(diffusers, cls_name)
+            cls = scheduler_class(cls_name) or getattr(diffusers, cls_name)
             if self.options:
                 raise ValueError("options cannot be combined with a scheduler folder")
             return cls.from_pretrained(folder)
@@ -106,7 +106,7 @@ class SolverSpec:
             module_name, _, cls_name = self.scheduler.rpartition(".")
             cls = getattr(importlib.import_module(module_name), cls_name)
         else:
-            cls = getattr(fastsampler if self.family == "fastsampler" else diffusers, self.scheduler)
+            cls = scheduler_class(self.scheduler) if self.family == "fastsampler" else getattr(diffusers, self.scheduler)
         return cls.from_config(config, **self.options)
 
 
@@ -116,13 +116,13 @@ def custom_spec(text: str) -> SolverSpec:
     path of a saved scheduler folder (a tuned scheduler: its plans run at the NFEs it has them for)."""
     import diffusers
 
-    import fastsampler
+    from fastsampler.adapters.registry import scheduler_class
 
     if Path(text).is_dir():  # a saved scheduler folder (its plans run where it has one for the NFE)
         return SolverSpec(f"folder/{Path(text).name}", "fastsampler", f"folder:{text}")
     name, options = parse_scheduler(text)
     short = name.removeprefix("fastsampler.")
-    if hasattr(fastsampler, short) and "." not in short:
+    if scheduler_class(short) is not None and "." not in short:
         family, cls_name = "fastsampler", short
     elif hasattr(diffusers, name):
         family, cls_name = "diffusers", name

@@ -122,7 +122,7 @@ def _sampler(scheduler_class_name: str, doc: str, **preset: Any) -> Callable[...
                callback: Callable[[dict], Any] | None = None, disable: bool | None = None, *, flow: bool = False,
                s_noise: float = 1.0, noise_sampler: NoiseSampler | None = None, eta: float | None = None,
                **options: Any) -> torch.Tensor:
-        import fastsampler
+        from fastsampler.adapters.registry import SCHEDULERS
 
         stochastic = str(preset.get("algorithm_type", "")).startswith("sde")
         if eta is not None and stochastic:
@@ -131,7 +131,7 @@ def _sampler(scheduler_class_name: str, doc: str, **preset: Any) -> Callable[...
             raise ValueError(f"`eta` must be 0 for this ODE sampler, got {eta!r} (the SDE samplers take η ≥ 0: "
                              "sample_dpmpp_2m_sde, sample_dpmpp_3m_sde)")
 
-        scheduler = scheduler_for(getattr(fastsampler, scheduler_class_name), flow, **{**preset, **options})
+        scheduler = scheduler_for(SCHEDULERS[scheduler_class_name], flow, **{**preset, **options})
         return sample_scheduler(model, x, sigmas, extra_args, callback, disable, scheduler=scheduler, flow=flow,
                                 s_noise=s_noise, noise_sampler=noise_sampler)
 
@@ -222,7 +222,7 @@ def sample_dpmpp_2s(model: KModel, x: torch.Tensor, sigmas: torch.Tensor, extra_
     ``sample_dpmpp_2s_ancestral``: per step, u = (σ_s/σ_i) x + (1 − e^{−h/2}) D_i at σ_s = √(σ_i σ_{i+1}), then
     x' = (σ_{i+1}/σ_i) x + (1 − e^{−h}) D(u, σ_s) — two model calls a step, one on a final step to σ = 0 (x' = D).
     Our singlestep order-2 scheduler on ``sigmas`` with the midpoints inserted; ``callback`` once a step."""
-    import fastsampler
+    from fastsampler.adapters.presets import DPMSolverPlusPlusScheduler
 
     levels = check_sigmas(sigmas, flow)
     grid = midpoint_sigmas(levels)
@@ -232,7 +232,7 @@ def sample_dpmpp_2s(model: KModel, x: torch.Tensor, sigmas: torch.Tensor, extra_
         if callback is not None and info["i"] in starts:
             callback({**info, "i": starts[info["i"]]})
 
-    scheduler = scheduler_for(fastsampler.DPMSolverPlusPlusScheduler, flow, **{
+    scheduler = scheduler_for(DPMSolverPlusPlusScheduler, flow, **{
         "solver_order": 2, "solver_method": "singlestep", "lower_order_final": False, **options})
     return sample_scheduler(model, x, torch.tensor(grid, dtype=x.dtype, device=x.device), extra_args, per_step,
                             disable, scheduler=scheduler, flow=flow)

@@ -116,9 +116,9 @@ def load_scheduler(path: str | Path, subfolder: str | None = None):
     name = json.loads(config.read_text()).get("_class_name")
     if name not in lazy.LAZY_ATTRIBUTES or not name.endswith("Scheduler"):
         raise ValueError(f"{str(config)!r} names {name!r}, not a fastsampler scheduler")
-    import fastsampler
+    from fastsampler.adapters.registry import SCHEDULERS
 
-    return getattr(fastsampler, name).from_pretrained(folder)
+    return SCHEDULERS[name].from_pretrained(folder)
 
 
 def get_sigmas_pretrained(path: str | Path, n: int, subfolder: str | None = None, device="cpu",

@@ -4,7 +4,7 @@
     tuned.save_pretrained("my_scheduler")       # pipe.scheduler = UniPCScheduler.from_pretrained("my_scheduler")
 
 ``scheduler``: one of ours, configured for the model (``from_config(pipe.scheduler.config)``). ``model``: a callable
-``model(x, t)`` returning the output in the scheduler's ``prediction_type`` (``fastsampler.tuning.model`` has
+``model(x, t)`` returning the output in the scheduler's ``prediction_type`` (``fastsampler.models.denoisers`` has
 adapters), or a diffusers pipeline (then ``prompt`` / ``negative_prompt`` / ``guidance_scale`` / ``class_labels``
 choose its conditions). ``noise``: the fitting noises (B, …) — tuning is judged on other noises:
 ``validation_noise`` reports the losses there, and also chooses among the candidates the search produced (DC: the
@@ -25,7 +25,6 @@ across the processes, and ``method="s3"`` searches one shared study from every p
 from __future__ import annotations
 
 import copy
-import os
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -33,20 +32,17 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from fastsampler.eval.distributed import DistContext, distributed_context
+from fastsampler.runtime.distributed import DistContext, distributed_context
 from fastsampler.tuning import DEFAULT_METHOD
 from fastsampler.tuning.dc import DCSearch, dc_plan, final_loss as dc_final_loss, search_ratios
 from fastsampler.tuning.holdout import Holdout
-from fastsampler.tuning.model import from_pipeline
+from fastsampler.models.denoisers import from_pipeline
 from fastsampler.tuning.teacher import TeacherSpec, teacher_trajectories
 from fastsampler.tuning.validation import Validation
 from fastsampler.adapters.scheduler import UntunedStepsWarning
+from fastsampler.runtime.cache import default_cache_dir  # noqa: F401  (tune's cache; a public name here)
 from fastsampler.warn import warn
 
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("FASTSAMPLER_CACHE", Path.home() / ".cache" / "fastsampler"))
 
 
 def is_pipeline(model: Any) -> bool:
@@ -105,7 +101,7 @@ def teacher_error(student, model: Callable, noise: torch.Tensor, reference: torc
                   cache_dir: Path | None, ctx: DistContext, progress: bool) -> float:
     """The teacher's own error: mean squared difference of its final samples from a teacher with twice the steps,
     on the first ``TEACHER_CHECK_SAMPLES`` noises (the whole batch for a model that cannot be sliced)."""
-    from fastsampler.tuning.model import subset
+    from fastsampler.models.denoisers import subset
     from fastsampler.tuning.teacher import shardable
 
     k = min(TEACHER_CHECK_SAMPLES, noise.shape[0]) if shardable(model) else noise.shape[0]

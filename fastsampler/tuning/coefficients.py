@@ -87,8 +87,8 @@ from fastsampler import progress as progress_bars
 from fastsampler.plans.format import OUT_STORE, Plan, src_slot
 from fastsampler.tuning.holdout import Holdout
 from fastsampler.tuning.validation import Validation, check_fraction, per_sample_loss
-from fastsampler.eval.distributed import DistContext
-from fastsampler.tuning.model import search_key, subset, tensor_digest
+from fastsampler.runtime.distributed import DistContext
+from fastsampler.models.denoisers import search_key, subset, tensor_digest
 from fastsampler.tuning.runner import advance, prediction, row_level, run, start, step_sources
 from fastsampler.tuning.support import SUPPORTS, ZERO_SCALE, alive_sources, check_history, history_slots, widen
 from fastsampler.tuning.teacher import shardable

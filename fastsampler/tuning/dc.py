@@ -191,7 +191,7 @@ def _search_scan(problem: _StepProblem, search: DCSearch) -> tuple[float, float,
 
 
 def _checkpoint_key(plan: Plan, model, noise: torch.Tensor, teacher: torch.Tensor, search: DCSearch) -> str:
-    from fastsampler.tuning.model import tensor_digest
+    from fastsampler.models.denoisers import tensor_digest
 
     model_key = model.cache_key() if hasattr(model, "cache_key") else repr(model)
     payload = json.dumps({"plan": plan.fingerprint(), "model": model_key, "noise": tensor_digest(noise),

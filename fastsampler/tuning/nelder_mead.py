@@ -30,7 +30,7 @@ from scipy.optimize import minimize
 from fastsampler.plans.format import Plan
 from fastsampler.tuning.validation import Validation, check_fraction, per_sample_loss
 from fastsampler.tuning.holdout import Holdout
-from fastsampler.tuning.model import search_key
+from fastsampler.models.denoisers import search_key
 from fastsampler.tuning.runner import run
 from fastsampler.tuning.timesteps import GridFamily
 

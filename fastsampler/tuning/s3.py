@@ -59,7 +59,7 @@ from fastsampler.samplers.usf import USF
 from fastsampler.samplers.usf_schedule import USFSchedule, USFStep
 from fastsampler.schedules.grids import Grid
 from fastsampler.tuning.holdout import Holdout
-from fastsampler.tuning.model import tensor_digest
+from fastsampler.models.denoisers import tensor_digest
 from fastsampler.tuning.runner import advance, start
 from fastsampler.tuning.validation import Validation, check_fraction, per_sample_loss
 

@@ -26,11 +26,11 @@ import numpy as np
 import torch
 
 from fastsampler import progress as progress_bars
-from fastsampler.eval.distributed import DistContext
+from fastsampler.runtime.distributed import DistContext
 from fastsampler.plans.format import Plan
 from fastsampler.samplers.dpmsolver import DPMSolverMultistep
 from fastsampler.samplers.rules import Nodes, compile_plan
-from fastsampler.tuning.model import subset, tensor_digest
+from fastsampler.models.denoisers import subset, tensor_digest
 from fastsampler.tuning.runner import run
 
 TEACHER_VERSION = 1

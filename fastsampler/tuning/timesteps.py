@@ -38,7 +38,7 @@ from fastsampler.plans.format import Plan
 from fastsampler.samplers.rules import Nodes, compile_plan
 from fastsampler.schedules.grids import Grid
 from fastsampler.tuning.holdout import Holdout
-from fastsampler.tuning.model import search_key
+from fastsampler.models.denoisers import search_key
 from fastsampler.tuning.runner import advance, run, start
 from fastsampler.tuning.validation import Validation, check_fraction, per_sample_loss
 from fastsampler.tuning.support import widen

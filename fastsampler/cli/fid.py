@@ -1,7 +1,7 @@
 """``fastsampler fid``: FID vs NFE of one or more schedulers on a local pipeline (JSON + PNG plot).
 
     fastsampler fid --scheduler DDIMScheduler --scheduler fastsampler.UniPCScheduler --steps 5,10,20 -n 1000
-    torchrun --nproc_per_node 2 -m fastsampler.eval.fid_cli --scheduler DPMSolverMultistepScheduler --steps 10
+    torchrun --nproc_per_node 2 -m fastsampler.cli.fid --scheduler DPMSolverMultistepScheduler --steps 10
     fastsampler fid --pipeline digits-cond --guidance-scale 1.5,4 --seed 0,1 --steps 10 -n 1000
     fastsampler fid --pipeline path/to/sd --prompts prompts.txt --guidance-scale 5 --negative-prompt "blurry" \
         --reference path/to/real_images --inception-weights weights-inception-2015-12-05-6726825d.pth
@@ -31,9 +31,9 @@ import click
 import torch
 
 from fastsampler import progress as progress_bars
-from fastsampler.cli_checks import check_scheduler_name, writable_folder
+from fastsampler.cli.checks import check_scheduler_name, writable_folder
 from fastsampler.eval import spec
-from fastsampler.eval.conditions import OptionError, read_prompts
+from fastsampler.models.conditions import OptionError, read_prompts
 from fastsampler.eval.fid import (DIGITS_REFERENCES, EMBEDDED_PIPELINES, RunResult, RunSpec, atomic_write_text,
                                   distributed_context, run_sweep)
 
@@ -157,7 +157,7 @@ def build_specs(schedulers: Sequence[str], steps: Sequence[int], common: dict, s
 def conditions_meta(pipeline: str, prompts_file: Path | None, prompts: Sequence[str] | None,
                     negative_prompt: str | None, guidance_scales: Sequence[float | None]) -> dict:
     """What the results JSON records about the pipeline and its conditions."""
-    from fastsampler.eval.conditions import prompts_sha256
+    from fastsampler.models.conditions import prompts_sha256
     from fastsampler.eval.fid import embedded_pipeline_dir
 
     meta = {"pipeline": pipeline, "guidance_scales": list(guidance_scales)}

@@ -8,7 +8,7 @@ import click
 import torch
 
 from fastsampler import progress as progress_bars
-from fastsampler.cli_checks import writable_folder
+from fastsampler.cli.checks import writable_folder
 from fastsampler.eval import bench as bench_lib
 
 

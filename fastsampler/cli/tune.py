@@ -26,7 +26,7 @@ import click
 import torch
 
 from fastsampler import progress as progress_bars
-from fastsampler.cli_checks import check_scheduler_name, positive_ints, writable_folder
+from fastsampler.cli.checks import check_scheduler_name, positive_ints, writable_folder
 from fastsampler.eval.spec import parse_scheduler
 from fastsampler.tuning import DEFAULT_METHOD
 
@@ -90,7 +90,7 @@ def _floats(text: str | None) -> list[float | None]:
 
 
 def _load_pipeline(path: str, device: str):
-    import fastsampler.eval.cond_pipeline  # noqa: F401  (registers the digits pipeline class)
+    import fastsampler.models.digits_pipeline  # noqa: F401  (registers the digits pipeline class)
     from diffusers import DiffusionPipeline
 
     from fastsampler.shipped import pipeline_folder
@@ -103,11 +103,11 @@ def _load_pipeline(path: str, device: str):
 
 
 def _scheduler_for(pipe, spec: str):
-    import fastsampler
+    from fastsampler.adapters.registry import scheduler_class
 
     name, options = parse_scheduler(spec)
-    cls = getattr(fastsampler, name.removeprefix("fastsampler."), None)
-    if cls is None or not isinstance(cls, type):
+    cls = scheduler_class(name)
+    if cls is None:
         raise click.BadParameter(f"{name!r} is not a fastsampler scheduler", param_hint="--scheduler")
     return cls.from_config(pipe.scheduler.config, **options)
 
@@ -167,8 +167,9 @@ def tune(pipeline_dir: str, method: str, steps: str, guidance_scale: str | None,
          device: str, cache_dir: str | None, out_dir: str, no_progress: bool) -> None:
     """Fit a fastsampler scheduler to a pipeline's model (solver coefficients and time points, DC-Solver ratios, an
     S3 schedule or time points alone) and write a scheduler folder."""
-    from fastsampler.eval.distributed import distributed_context, select_device
-    from fastsampler.tuning.api import default_cache_dir, tune as tune_fn
+    from fastsampler.runtime.distributed import distributed_context, select_device
+    from fastsampler.runtime.cache import default_cache_dir
+    from fastsampler.tuning.api import tune as tune_fn
     from fastsampler.tuning.cpr import fit_cpr, write_cpr_file, write_ratio_file
 
     began = time.perf_counter()

@@ -14,11 +14,11 @@ import click
 
 #: command name → (module, attribute, summary shown by ``fastsampler --help``: the first sentence of its help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "bench": ("fastsampler.eval.bench_cli", "bench",
+    "bench": ("fastsampler.cli.bench", "bench",
               "RMSE vs the exact ODE solution, per solver and NFE, on the digits Gaussian mixture."),
-    "fid": ("fastsampler.eval.fid_cli", "fid", "Generate NUM_SAMPLES images per (scheduler, steps, guidance scale, seed) in resumable shards "
+    "fid": ("fastsampler.cli.fid", "fid", "Generate NUM_SAMPLES images per (scheduler, steps, guidance scale, seed) in resumable shards "
             "and report FID vs NFE."),
-    "tune": ("fastsampler.tuning.cli", "tune",
+    "tune": ("fastsampler.cli.tune", "tune",
              "Fit a fastsampler scheduler to a pipeline's model (solver coefficients and time points, DC-Solver "
              "ratios, an S3 schedule or time points alone) and write a scheduler folder."),
 }
