@@ -51,14 +51,14 @@ def bench_seeds(preset: str, guidance: float | None, batch_size: int, seeds: Seq
                 out: Path) -> dict:
     """Run the bench on one held-out batch per seed ({seed: ratio_rows}); the first seed's outputs go to ``out``,
     the others' to ``out/seed<s>``."""
-    from fastsampler.eval import bench as bench_lib
+    from fastsampler.eval import bench as bench_lib, bench_report
 
     tables = {}
     for seed in seeds:
         setup = bench_lib.BenchSetup(preset, None, guidance, batch_size, seed)
         result = bench_lib.run_bench(setup, specs, nfes, progress=False)
-        bench_lib.write_outputs(result, out if seed == seeds[0] else out / f"seed{seed}")
+        bench_report.write_outputs(result, out if seed == seeds[0] else out / f"seed{seed}")
         tables[seed] = ratio_rows(result, nfes)
         if seed == seeds[0]:
-            print(bench_lib.format_table(result), flush=True)
+            print(bench_report.format_table(result), flush=True)
     return tables

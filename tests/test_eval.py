@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from fastsampler.eval import bench as bench_lib, gmm, metrics, reference
+from fastsampler.eval import bench as bench_lib, bench_report, gmm, metrics, reference
 from fastsampler.cli.bench import bench
 from fastsampler.eval.gmm import GaussianMixture, MixtureDenoiser, MixtureModel
 from fastsampler.eval.reference import Tolerance
@@ -182,7 +182,7 @@ def test_bench_cli_end_to_end(monkeypatch, tmp_path):
     assert data["references"][0]["tolerance_check"]["passed"]
     for name in ("results.csv", "table.txt", "error_vs_nfe.png"):
         assert (out / name).stat().st_size > 0
-    assert bench_lib.TABLE_LEGEND in result.output and bench_lib.TABLE_LEGEND in (out / "table.txt").read_text()
+    assert bench_report.TABLE_LEGEND in result.output and bench_report.TABLE_LEGEND in (out / "table.txt").read_text()
     rerun = CliRunner().invoke(bench, args)
     assert rerun.exit_code == 0 and "cached" in rerun.output
 
@@ -197,7 +197,7 @@ def test_bench_plot_has_a_panel_per_family_distinct_series_and_names_failed_solv
     result = bench_lib.BenchResult(bench_lib.BenchSetup("sd", None, None, 4, 0), [4, 8], runs, [], 0.0)
     figures = []
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, *a, **k: figures.append(self))
-    bench_lib.plot(result, tmp_path / "plot.png")
+    bench_report.plot(result, tmp_path / "plot.png")
     (fig,) = figures
     left, right = fig.axes
     assert (left.get_title(), right.get_title()) == ("fastsampler", "diffusers")

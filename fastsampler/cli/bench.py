@@ -9,7 +9,7 @@ import torch
 
 from fastsampler import progress as progress_bars
 from fastsampler.cli.checks import writable_folder
-from fastsampler.eval import bench as bench_lib
+from fastsampler.eval import bench as bench_lib, bench_report
 
 
 def _parse_nfes(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
@@ -74,8 +74,8 @@ def bench(preset: str, prediction_type: str | None, guidance_scale: float | None
         result = bench_lib.run_bench(setup, specs, nfes, progress=not no_progress)
     finally:
         torch.set_num_threads(previous_threads)
-    paths = bench_lib.write_outputs(result, out_dir)
-    click.echo(bench_lib.format_table(result))
+    paths = bench_report.write_outputs(result, out_dir)
+    click.echo(bench_report.format_table(result))
     for ref in result.references:
         cached = "cached" if ref["from_cache"] else f"{ref['num_evaluations']} evaluations"
         click.echo(f"reference from t={ref['start_timestep']:g}: {cached}, {ref['seconds']:.1f} s")
