@@ -21,21 +21,20 @@ from diffusers import DDIMScheduler
 
 from fastsampler.models.digits import NUM_CLASSES, conditional_class_accuracy, load_digits_cond_pipeline, \
     load_digits_feature_extractor
+import harness
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "digits_cond_ddpm_accuracy.json"
 
 
-@click.command()
+@harness.command(out=None)
 @click.option("--scales", default="1,2,4", show_default=True, help="comma-separated guidance scales")
 @click.option("--steps", default=25, show_default=True, help="DDIM steps")
 @click.option("--num-samples", default=200, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-@click.option("--threads", default=1, show_default=True)
 @click.option("--save/--no-save", default=True, show_default=True, help="write the results JSON")
-def main(scales: str, steps: int, num_samples: int, seed: int, threads: int, save: bool) -> None:
+def main(scales: str, steps: int, num_samples: int, seed: int, save: bool) -> None:
     """Measure the class accuracy of guided samples."""
-    torch.set_num_threads(threads)
     pipe = load_digits_cond_pipeline()
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)

@@ -14,20 +14,17 @@ each DC solver's error to the best diffusers scheduler's at each NFE, plus tunin
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from pathlib import Path
 
+import click
 import torch
 
 import fastsampler
 from fastsampler.eval import bench as bench_lib
-from fastsampler.eval import gmm
 from fastsampler.tuning.cpr import write_ratio_file
-from fastsampler.models.denoisers import MixtureDenoiserModel
+import harness
 from ratio_tables import bench_seeds, ratio_table, seed_ratio_table
-from stamp import run_stamp
 
 RESULTS = Path(__file__).resolve().parent / "results" / "dc_bench"
 NFES = (4, 5, 6, 8, 10)
@@ -39,18 +36,12 @@ BASES = {  # name → (scheduler class, options)
 }
 
 
-def _mixture(preset: str, guidance: float | None, batch: int, seed: int):
-    config = bench_lib.preset_config(preset)
-    setup = bench_lib.BenchSetup(preset, None, guidance, batch, seed)
-    return MixtureDenoiserModel(gmm.MixtureModel.from_scheduler_config(setup.denoiser(), config)), setup.noise().double()
-
-
 def fit(preset: str, guidance: float | None, base: str, fit_samples: int, fit_seed: int, out: Path,
         search: str, objective: str, validation: tuple[int, int]) -> tuple[Path, float, dict]:
     cls_name, options = BASES[base]
     scheduler = getattr(fastsampler, cls_name).from_config(bench_lib.preset_config(preset), **options)
-    model, noise = _mixture(preset, guidance, fit_samples, fit_seed)
-    held_model, held = _mixture(preset, guidance, *validation) if validation[0] else (None, None)
+    model, noise = harness.mixture(preset, guidance, fit_samples, fit_seed)
+    held_model, held = harness.mixture(preset, guidance, *validation) if validation[0] else (None, None)
     began = time.perf_counter()
     tuned = fastsampler.tune(scheduler, model, noise, list(NFES), search=search, objective=objective,
                              validation_noise=held, validation_model=held_model, progress=False,
@@ -63,26 +54,20 @@ def fit(preset: str, guidance: float | None, base: str, fit_samples: int, fit_se
     return path, seconds, tuned.tuning_report
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="sd")
-    parser.add_argument("--fit-samples", type=int, default=64)
-    parser.add_argument("--fit-seed", type=int, default=1000)
-    parser.add_argument("--validation-samples", type=int, default=128,
-                        help="held-out noises (seed --validation-seed): fitted ratios that do worse there are dropped")
-    parser.add_argument("--validation-seed", type=int, default=2000)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--eval-seeds", type=lambda text: [int(v) for v in text.split(",")], default=[0, 3000, 4000, 5000],
-                        help="held-out batches (the first gets the full table)")
-    parser.add_argument("--search", default="gradient", choices=("gradient", "scan"))
-    parser.add_argument("--objective", default="final", choices=("next", "final"),
-                        help="DC search loss: the official next-node loss, or the final sample's (default here: on "
+@harness.command(out=RESULTS, threads=1)
+@click.option("--preset", default="sd", show_default=True)
+@click.option("--fit-samples", type=int, default=64, show_default=True)
+@click.option("--fit-seed", type=int, default=1000, show_default=True)
+@click.option("--validation-samples", type=int, default=128, show_default=True, help="held-out noises (seed --validation-seed): fitted ratios that do worse there are dropped")
+@click.option("--validation-seed", type=int, default=2000, show_default=True)
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--eval-seeds", default="0,3000,4000,5000", callback=lambda ctx, param, text: harness.ints(text, "--eval-seeds"), show_default=True, help="held-out batches (the first gets the full table)")
+@click.option("--search", type=click.Choice(("gradient", "scan")), default="gradient", show_default=True)
+@click.option("--objective", type=click.Choice(("next", "final")), default="final", show_default=True, help="DC search loss: the official next-node loss, or the final sample's (default here: on "
                              "the exact mixture the final jump to σ = 0 dominates the error)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
+def main(args) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
-    summary = {**run_stamp(), "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()}, "runs": {}}
+    summary = {**harness.run_stamp(), "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()}, "runs": {}}
     for guidance in (None, 7.5):
         specs = bench_lib.select_solvers("diffusers/*", bench_lib.preset_config(args.preset))
         tuning = {}
@@ -101,8 +86,7 @@ def main() -> None:
         tables = bench_seeds(args.preset, guidance, args.batch_size, args.eval_seeds, specs, NFES,
                              args.out / f"g{guidance}")
         summary["runs"][str(guidance)] = {"tuning": tuning, "table": tables[args.eval_seeds[0]], "seeds": tables}
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
-    (args.out / "summary.md").write_text(markdown(summary))
+    harness.write_results(args.out, "summary", summary, markdown(summary))
 
 
 def markdown(summary: dict) -> str:

@@ -20,17 +20,15 @@ Writes ``benchmarks/results/dc_frechet.{json,md}`` with the machine and the date
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
+import click
 import torch
 from scipy import linalg
 
-from stamp import run_stamp
+import harness
 from tune_bench import BUILT_INS, final_sample
 
 VARIANTS = {"dc": ({}, 1, None), "dc-256": ({}, 4, None), "dc-bounds0.8-1.2": ({"bounds": (0.8, 1.2)}, 1, None),
@@ -57,16 +55,13 @@ def sample(scheduler, model, noise: torch.Tensor, n: int) -> torch.Tensor:
         return run(scheduler.plan, model, noise)[0]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--nfe", type=int, default=10)
-    parser.add_argument("--variant", default="eps", choices=["eps", "v"], help="the digits DDPM's prediction type")
-    parser.add_argument("--fit", type=int, default=64)
-    parser.add_argument("--eval", type=int, default=1000)
-    parser.add_argument("--ode-steps", type=int, default=500)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+@harness.command(out=harness.RESULTS, threads=1)
+@click.option("--nfe", type=int, default=10, show_default=True)
+@click.option("--variant", type=click.Choice(["eps", "v"]), default="eps", show_default=True, help="the digits DDPM's prediction type")
+@click.option("--fit", type=int, default=64, show_default=True)
+@click.option("--eval", type=int, default=1000, show_default=True)
+@click.option("--ode-steps", type=int, default=500, show_default=True)
+def main(args) -> None:
 
     import fastsampler
     from fastsampler.models.digits import digits_dataset, load_digits_pipeline
@@ -116,11 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     probe.set_timesteps(args.nfe)
     probe.set_plan(dc_plan(probe, ratios, 2))
     rows["dc, last ratio 1"] = {**measure(sample(probe, held_model, held, args.nfe)), "ratios": ratios}
-    stamp = run_stamp()
+    stamp = harness.run_stamp()
     result = {**stamp, "variant": args.variant, "nfe": args.nfe, "fit": args.fit, "eval": args.eval,
               "ode_steps": args.ode_steps, "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"dc_frechet_{args.variant}_nfe{args.nfe}.json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [f"# DC ratios vs the distribution, digits DDPM ({args.variant}), NFE {args.nfe} "
              f"({stamp['date']}, {stamp['machine']})",
              "", f"`python benchmarks/dc_frechet.py --variant {args.variant} --nfe {args.nfe} --eval {args.eval} "
@@ -133,10 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         ratios = " ".join(f"{v:.2f}" for v in r.get("ratios", [])) + (" (kept plain)" if r.get("kept_plain") else "")
         lines.append(f"| {name} | {r['rmse']:.4f} | {r['fd_ode']:.4f} | {r['fd_data']:.4f} | {r['spread']:.4f} | "
                      f"{ratios} |")
-    (args.out / f"dc_frechet_{args.variant}_nfe{args.nfe}.md").write_text("\n".join(lines) + "\n")
+    harness.write_results(args.out, f"dc_frechet_{args.variant}_nfe{args.nfe}", result, lines)
     print("\n".join(lines))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

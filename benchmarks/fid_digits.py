@@ -33,6 +33,7 @@ import torchmetrics
 from fastsampler.eval.fid import (Extractor, FIDEvaluator, RunSpec, distributed_context, load_pipeline,
                                   load_reference_images, resolve_scheduler, run_sweep)
 from fastsampler.cli.fid import plot_fid_vs_nfe
+import harness
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -117,7 +118,7 @@ def seed_lines(meta: dict) -> list[str]:
             f"than the absolute values (`{check['command']}`).", ""]
 
 
-@click.command()
+@harness.command(out=None)
 @click.option("-n", "--num-samples", default=1000, show_default=True)
 @click.option("--shard-size", default=250, show_default=True)
 @click.option("--seed", default=0, show_default=True)
@@ -140,7 +141,6 @@ def main(num_samples: int, shard_size: int, seed: int, out_dir: Path, results_di
             path.write_text(json.dumps(payload, indent=2) + "\n")
         render(payload["results"], payload["meta"], results_dir)
         return
-    torch.set_num_threads(1)
     ctx = distributed_context()
     names = [s for s in solvers.split(",") if s]
     specs = [RunSpec(name, n, {"timestep_spacing": "trailing"}, seed, shard_size) for name in names for n in NFES]

@@ -11,9 +11,12 @@ mean FID over the seeds, then the per-seed differences (negative: the option low
 from __future__ import annotations
 
 import json
-import sys
 from collections import defaultdict
 from pathlib import Path
+
+import click
+
+import harness
 
 
 def _options(run: dict) -> tuple:
@@ -46,8 +49,10 @@ def paired_table(results: dict) -> list[str]:
     return lines
 
 
-def main() -> None:
-    for path in sys.argv[1:]:
+@harness.command(out=None, threads=None)
+@click.argument("results", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+def main(results: tuple[str, ...]) -> None:
+    for path in results:
         print(f"{Path(path).name}:\n")
         print("\n".join(paired_table(json.loads(Path(path).read_text()))) + "\n")
 

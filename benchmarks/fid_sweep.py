@@ -36,6 +36,7 @@ from fastsampler.models.conditions import OptionError, read_prompts
 from fastsampler.eval.fid import DIGITS_REFERENCES, atomic_write_text, distributed_context, run_sweep
 from fastsampler.cli.fid import (build_specs, format_spread, parse_list, plot_fid_vs_nfe, seed_spread,
                                       series_label)
+import harness
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "fid_sweep.json"
@@ -80,7 +81,7 @@ def render(payload: dict, results: Path) -> None:
         click.echo(f"{series_label(cell):50s} NFE {cell['nfe']:3d}: {format_spread(cell)}")
 
 
-@click.command()
+@harness.command(out=None)
 @click.option("--pipeline", default="digits", show_default=True,
               help="digits, digits-v, digits-cond or a local pipeline folder (as `fastsampler fid --pipeline`)")
 @click.option("--solver", "solvers", multiple=True, default=("DDIMScheduler", "fastsampler.UniPCScheduler"),
@@ -108,7 +109,6 @@ def main(pipeline: str, solvers: tuple[str, ...], nfe: str, guidance_scales: str
     if render_only:
         render(json.loads(results.read_text()), results)
         return
-    torch.set_num_threads(1)
     ctx = distributed_context()
     seed_list = parse_list([seeds], int, "--seeds")
     scales = parse_list([guidance_scales], float, "--guidance-scales") or [None]

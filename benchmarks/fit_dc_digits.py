@@ -18,17 +18,17 @@ benchmarks/results/dc_fit_digits.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
+import click
 import torch
 
 import fastsampler
 from fastsampler.models.digits import assets_dir, load_digits_cond_pipeline, load_digits_pipeline
 from fastsampler.tuning.cpr import fit_cpr, write_cpr_file, write_ratio_file
-from stamp import run_stamp
+import harness
 
 NFES = (4, 5, 6, 8, 10)
 GUIDANCE = (1.5, 4.0, 7.5)
@@ -52,15 +52,12 @@ def fit(pipe, base: str, guidance: float | None, noise: torch.Tensor, labels: li
     return entries, seconds
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=1000)
-    parser.add_argument("--out", type=Path, default=assets_dir() / "dc")
-    parser.add_argument("--work", type=Path, default=Path(".cache") / "dc_fit")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    record = {**run_stamp(), "samples": args.samples,
+@harness.command(out=assets_dir() / "dc", threads=1)
+@click.option("--samples", type=int, default=16, show_default=True)
+@click.option("--seed", type=int, default=1000, show_default=True)
+@click.option("--work", type=click.Path(path_type=Path), default=Path(".cache") / "dc_fit", show_default=True)
+def main(args) -> None:
+    record = {**harness.run_stamp(), "samples": args.samples,
               "seed": args.seed, "configurations": []}
     gen = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(args.samples, 1, 16, 16, generator=gen)

@@ -27,39 +27,34 @@ A folder keeps the plans of NFEs a later run does not search; a resumed search k
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
+import click
 import torch
 
 import fastsampler
 from fastsampler.models.digits import assets_dir, load_digits_cond_pipeline, load_digits_pipeline
 from fastsampler.eval.fid import fid_scorer
-from stamp import run_stamp
+import harness
 
 NFES = (4, 5, 6, 8, 10)
 RESULTS = Path(__file__).resolve().parent / "results" / "s3_fit_digits.json"
 MODELS = {"digits_ddpm": None, "digits_cond_g1.5": 1.5, "digits_cond_g4": 4.0}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=1000)
-    parser.add_argument("--validation-samples", type=int, default=32,
-                        help="held-out noises (seed + 1000) choosing among the best candidates")
-    parser.add_argument("--budget", type=int, default=120, help="candidates per NFE (× NFE model evaluations)")
-    parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--nfes", default=",".join(map(str, NFES)))
-    parser.add_argument("--objective", choices=("mse", "fid"), default="mse",
-                        help="mse: error against the teacher; fid: FID of the samples (the released S³ criterion)")
-    parser.add_argument("--out", type=Path, default=assets_dir() / "s3")
-    parser.add_argument("--work", type=Path, default=Path(".cache") / "s3_fit")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    record = {**run_stamp(), "seed": args.seed, "budget_candidates_per_nfe": args.budget, "runs": {}}
+@harness.command(out=assets_dir() / "s3", threads=1)
+@click.option("--samples", type=int, default=32, show_default=True)
+@click.option("--seed", type=int, default=1000, show_default=True)
+@click.option("--validation-samples", type=int, default=32, show_default=True, help="held-out noises (seed + 1000) choosing among the best candidates")
+@click.option("--budget", type=int, default=120, show_default=True, help="candidates per NFE (× NFE model evaluations)")
+@click.option("--models", default=",".join(MODELS), show_default=True)
+@click.option("--nfes", default=",".join(map(str, NFES)), show_default=True)
+@click.option("--objective", type=click.Choice(("mse", "fid")), default="mse", show_default=True, help="mse: error against the teacher; fid: FID of the samples (the released S³ criterion)")
+@click.option("--work", type=click.Path(path_type=Path), default=Path(".cache") / "s3_fit", show_default=True)
+def main(args) -> None:
+    record = {**harness.run_stamp(), "seed": args.seed, "budget_candidates_per_nfe": args.budget, "runs": {}}
     if RESULTS.exists():
         record["runs"] = json.loads(RESULTS.read_text()).get("runs", {})
     noise = torch.randn(args.samples, 1, 16, 16, generator=torch.Generator().manual_seed(args.seed))

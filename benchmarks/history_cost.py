@@ -11,16 +11,14 @@ state to single out). Reported: the median µs per step and the ratios to the ba
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
-from pathlib import Path
 
+import click
 import numpy as np
 import torch
 
-from overhead import SD_CONFIG, machine, make_scheduler
+import harness
+from overhead import SD_CONFIG, make_scheduler
 
 SHAPE = (1, 4, 128, 128)
 DENSE_OFFSET = 0.01  # added to every readable entry: a plan that reads every source it may (the worst case)
@@ -65,15 +63,12 @@ def measure(n: int, repeats: int) -> dict:
             "dense_over_base": median["dense"] / median["base"], "dense_over_diffusers": median["dense"] / median["diffusers"]}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--nfe", default="5,8,10")
-    parser.add_argument("--repeats", type=int, default=40)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+@harness.command(out=harness.RESULTS, threads=1)
+@click.option("--nfe", default="5,8,10", show_default=True)
+@click.option("--repeats", type=int, default=40, show_default=True)
+def main(args) -> None:
     rows = [measure(int(n), args.repeats) for n in args.nfe.split(",") if n]
-    report = {"machine": machine(), "shape": list(SHAPE), "config": SD_CONFIG, "repeats": args.repeats, "results": rows}
+    report = {"machine": harness.machine(), "shape": list(SHAPE), "config": SD_CONFIG, "repeats": args.repeats, "results": rows}
     m = report["machine"]
     lines = ["# Per-step cost of a tuned plan's longer history", "",
              f"{m['date']} · {m['cpu']} (torch threads {m['torch_threads']}) · torch {m['torch']} · "
@@ -86,12 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         us = r["median_us"]
         lines.append(f"| {r['nfe']} | {r['base_slots']} → {r['slots']} | {us['base']:.1f} | {us['dense']:.1f} | "
                      f"{us['diffusers']:.1f} | {r['dense_over_base']:.2f} | {r['dense_over_diffusers']:.2f} |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "history_cost.json").write_text(json.dumps(report, indent=1) + "\n")
-    (args.out / "history_cost.md").write_text("\n".join(lines) + "\n")
+    harness.write_results(args.out, "history_cost", report, lines)
     print("\n".join(lines))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

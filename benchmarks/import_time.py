@@ -15,8 +15,6 @@ Writes import_time.json and import_time.md with the machine and the date.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -24,7 +22,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from stamp import run_stamp
+import click
+
+import harness
 
 STATEMENTS = {
     "fastsampler": "import fastsampler; fastsampler.UniPCScheduler()",
@@ -89,29 +89,23 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--before", type=Path, help="another fastsampler checkout to time the same statement against")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    args = parser.parse_args(argv)
-    if args.repeats < 1:
-        parser.error("--repeats must be ≥ 1")
+@harness.command(out=harness.RESULTS, threads=None)
+@click.option("--repeats", type=click.IntRange(min=1), default=7, show_default=True)
+@click.option("--before", type=click.Path(path_type=Path), help="another fastsampler checkout to time the same statement against")
+def main(args) -> None:
     import diffusers
     import torch
 
     times = measure(args.repeats, args.before)
     med = {k: statistics.median(v) for k, v in times.items()}
-    result = {**run_stamp(threads=f"{os.cpu_count()} cores"), "repeats": args.repeats,
+    result = {**harness.run_stamp(threads=f"{os.cpu_count()} cores"), "repeats": args.repeats,
               "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
               "commits": {"fastsampler": commit_of(ROOT), **({"before": commit_of(args.before)} if args.before else {})},
               "times_s": times, "median_s": med, "ratio": med["fastsampler"] / med["diffusers"]}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "import_time.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / "import_time.md").write_text(text := markdown(result))
+    harness.write_results(args.out, "import_time", result, text := markdown(result))
     print(text)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

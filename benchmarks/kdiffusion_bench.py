@@ -18,15 +18,13 @@ table: the digits model's own range is 0.01–157, AYS's 0.029–14.6), Karras a
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-from pathlib import Path
 
+import click
 import torch
 
+import harness
 import tune_bench
-from stamp import run_stamp
 
 SD_SIGMA_MAX = 14.614646624923662  # SD's scaled-linear table at t = 999 (float32 betas, as diffusers)
 SD_SIGMA_MIN = 0.02916753316555422
@@ -167,21 +165,16 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--nfe", default="4,5,6,8,10")
-    parser.add_argument("--digits-nfe", default="5,10")
-    parser.add_argument("--fid-samples", type=int, default=1000)
-    parser.add_argument("--fid-seeds", default="0,1")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    result = {**run_stamp(), "mixture": mixture_rows([int(v) for v in args.nfe.split(",") if v]),
+@harness.command(out=harness.RESULTS, threads=1)
+@click.option("--nfe", default="4,5,6,8,10", show_default=True)
+@click.option("--digits-nfe", default="5,10", show_default=True)
+@click.option("--fid-samples", type=int, default=1000, show_default=True)
+@click.option("--fid-seeds", default="0,1", show_default=True)
+def main(args) -> None:
+    result = {**harness.run_stamp(), "mixture": mixture_rows([int(v) for v in args.nfe.split(",") if v]),
               "digits": digits_rows([int(v) for v in args.digits_nfe.split(",") if v], args.fid_samples,
                                     [int(v) for v in args.fid_seeds.split(",") if v])}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "kdiffusion_bench.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / "kdiffusion_bench.md").write_text(markdown(result))
+    harness.write_results(args.out, "kdiffusion_bench", result, markdown(result))
     print(markdown(result))
 
 

@@ -27,7 +27,6 @@ report to a temporary folder (or ``--out``), so it can be checked in CI.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import inspect
 import json
@@ -40,7 +39,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import click
 import torch  # does not import triton, so TRITON_INTERPRET can still be set below
+
+import harness
 
 SIZES = [(1, 4, 64, 64), (4, 4, 128, 128), (16, 16, 128, 128)]
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
@@ -245,24 +247,22 @@ def write(results: list[dict], meta: dict, out_dir: Path) -> tuple[Path, Path]:
     return js, md
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dry-run", action="store_true",
-                        help="run every code path once at a tiny size (on CPU: Triton interpreter) and write the "
-                             "report to a temporary folder or --out")
-    parser.add_argument("--out", type=Path, default=None, help=f"folder for the report (default {RESULTS})")
-    parser.add_argument("--reps", type=int, default=None,
-                        help="timing budget: do_bench ms per measurement on CUDA (default 200), calls on CPU")
-    args = parser.parse_args(argv)
+@harness.command(out=None, threads=None)
+@click.option("--dry-run", is_flag=True,
+              help="run every code path once at a tiny size (on CPU: Triton interpreter) and write the report to a "
+                   "temporary folder or --out")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help=f"folder for the report (default {RESULTS})")
+@click.option("--reps", type=click.IntRange(min=1), default=None,
+              help="timing budget: do_bench ms per measurement on CUDA (default 200), calls on CPU")
+def main(args) -> None:
     cuda = torch.cuda.is_available()
     if not args.dry_run and not cuda:
-        print("benchmarks/kernel_bandwidth.py needs a CUDA GPU (run with --dry-run to check the script on CPU)",
-              file=sys.stderr)
-        return 2
+        raise click.UsageError("benchmarks/kernel_bandwidth.py needs a CUDA GPU (run with --dry-run to check the script "
+                               "on CPU)")
     if not cuda:
         if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-            print("triton was imported before TRITON_INTERPRET could be set", file=sys.stderr)
-            return 2
+            raise click.UsageError("triton was imported before TRITON_INTERPRET could be set")
         os.environ["TRITON_INTERPRET"] = "1"  # before triton (and fastsampler's kernel) are imported
     device = "cuda" if cuda else "cpu"
     if args.dry_run:
@@ -280,8 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {js} and {md}")
     if args.dry_run:
         print("dry run ok")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

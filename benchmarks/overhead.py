@@ -14,16 +14,13 @@ Writes overhead.json and overhead.md with the machine and the date.
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import os
-import platform
 import time
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import click
+
+import harness
 import torch
 
 NUM_STEPS = 25
@@ -85,23 +82,6 @@ def summarize(ns: list[int]) -> dict[str, float]:
     return {"median_us": float(q50), "q25_us": float(q25), "q75_us": float(q75), "count": len(ns)}
 
 
-def machine() -> dict[str, str | int]:
-    import diffusers
-
-    import fastsampler
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cpu_count": os.cpu_count() or 0, "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
-            "diffusers": diffusers.__version__, "fastsampler": fastsampler.__version__,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-
-
 def run(repeats: int, progress: Callable[[str], None] = print) -> dict:
     from diffusers.utils import logging
 
@@ -120,7 +100,7 @@ def run(repeats: int, progress: Callable[[str], None] = print) -> dict:
             results.append(row)
             progress(f"{label:<24}{'×'.join(map(str, shape)):<14}ours {row['ours']['median_us']:8.1f} µs   "
                      f"diffusers {row['theirs']['median_us']:8.1f} µs   ratio {row['ratio']:.2f}")
-    return {"machine": machine(), "protocol": {"num_steps": NUM_STEPS, "timed_steps": [TIMED_STEPS.start,
+    return {"machine": harness.machine(), "protocol": {"num_steps": NUM_STEPS, "timed_steps": [TIMED_STEPS.start,
             TIMED_STEPS.stop - 1], "repeats": repeats, "dtype": "float32", "config": SD_CONFIG},
             "results": results}
 
@@ -142,17 +122,12 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=60, help="25-step runs per scheduler and shape")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    args = parser.parse_args()
+@harness.command(out=harness.RESULTS, threads=None)
+@click.option("--repeats", type=int, default=60, show_default=True, help="25-step runs per scheduler and shape")
+def main(args) -> None:
     report = run(args.repeats)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "overhead.json").write_text(json.dumps(report, indent=2))
-    (out / "overhead.md").write_text(to_markdown(report))
-    print(f"wrote {out / 'overhead.json'} and {out / 'overhead.md'}")
+    path = harness.write_results(args.out, "overhead", report, to_markdown(report), indent=2)
+    print(f"wrote {path} and {path.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

@@ -12,14 +12,16 @@ guidance 7.5 and NFE 5–8, some momentum configuration at ≤ 0.8× the best di
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import math
-import platform
 import shlex
 import subprocess
 from pathlib import Path
+
+import click
+
+import harness
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GUIDANCE = (7.5, 15.0)
@@ -113,16 +115,9 @@ def goal(result: dict) -> str:
 
 
 def machine() -> str:
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor() or "unknown CPU"
-    import diffusers
-    import torch
-
-    return (f"{cpu}, 1 torch thread (`--threads 1`, the bench default), Python {platform.python_version()}, "
-            f"torch {torch.__version__}, diffusers {diffusers.__version__}")
+    m = harness.machine()
+    return (f"{m['cpu']}, 1 torch thread (`--threads 1`, the bench default), Python {m['python']}, "
+            f"torch {m['torch']}, diffusers {m['diffusers']}")
 
 
 READING = """## Reading
@@ -164,10 +159,9 @@ def report() -> str:
     return "\n".join(lines + [READING])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--report-only", action="store_true", help="only rewrite plugins_bench.md")
-    args = parser.parse_args()
+@harness.command(out=None, threads=None)
+@click.option("--report-only", is_flag=True, help="only rewrite plugins_bench.md")
+def main(args) -> None:
     if not args.report_only:
         for g in GUIDANCE:
             subprocess.run(command(g), check=True, cwd=RESULTS.parent.parent)

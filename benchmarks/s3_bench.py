@@ -14,20 +14,16 @@ and the search cost per configuration).
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from pathlib import Path
 from typing import Callable
 
-import torch
+import click
 
 import fastsampler
 from fastsampler.eval import bench as bench_lib
-from fastsampler.eval import gmm
-from fastsampler.models.denoisers import MixtureDenoiserModel
+import harness
 from ratio_tables import bench_seeds, ratio_table, seed_ratio_table
-from stamp import run_stamp
 
 HERE = Path(__file__).resolve().parent / "results"
 NFES = (4, 5, 6, 8, 10)
@@ -38,8 +34,8 @@ def tune_all(method: str, guidance: float | None, args, options_for: Callable[[i
     candidates on ``--validation-samples`` held-out noises; save the scheduler folder holding all the plans."""
     config = bench_lib.preset_config(args.preset)
     scheduler = fastsampler.UniPCScheduler.from_config(config, solver_order=3)
-    model, noise = _mixture(args, guidance, args.fit_samples, args.fit_seed)
-    held_model, held_noise = _mixture(args, guidance, args.validation_samples, args.validation_seed) \
+    model, noise = harness.mixture(args.preset, guidance, args.fit_samples, args.fit_seed)
+    held_model, held_noise = harness.mixture(args.preset, guidance, args.validation_samples, args.validation_seed) \
         if args.validation_samples else (None, None)
     tuned, cost = None, {}
     for n in NFES:
@@ -61,30 +57,19 @@ def tune_all(method: str, guidance: float | None, args, options_for: Callable[[i
     return folder, cost
 
 
-def _mixture(args, guidance: float | None, batch: int, seed: int):
-    config = bench_lib.preset_config(args.preset)
-    setup = bench_lib.BenchSetup(args.preset, None, guidance, batch, seed)
-    return MixtureDenoiserModel(gmm.MixtureModel.from_scheduler_config(setup.denoiser(), config)), setup.noise().double()
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="sd")
-    parser.add_argument("--fit-samples", type=int, default=256)
-    parser.add_argument("--fit-seed", type=int, default=1000)
-    parser.add_argument("--validation-samples", type=int, default=128,
-                        help="held-out noises that choose among the candidates (0: none)")
-    parser.add_argument("--validation-seed", type=int, default=2000)
-    parser.add_argument("--budget", type=int, default=200, help="S3 candidates per NFE")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--eval-seeds", type=lambda text: [int(v) for v in text.split(",")], default=[0, 3000, 4000, 5000],
-                        help="held-out batches (the first gets the full table)")
-    parser.add_argument("--out", type=Path, default=HERE / "s3_bench")
-    parser.add_argument("--dc", type=Path, default=HERE / "dc_bench", help="dc_bench.py's output (ratio files)")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
+@harness.command(out=HERE / "s3_bench", threads=1)
+@click.option("--preset", default="sd", show_default=True)
+@click.option("--fit-samples", type=int, default=256, show_default=True)
+@click.option("--fit-seed", type=int, default=1000, show_default=True)
+@click.option("--validation-samples", type=int, default=128, show_default=True, help="held-out noises that choose among the candidates (0: none)")
+@click.option("--validation-seed", type=int, default=2000, show_default=True)
+@click.option("--budget", type=int, default=200, show_default=True, help="S3 candidates per NFE")
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--eval-seeds", default="0,3000,4000,5000", callback=lambda ctx, param, text: harness.ints(text, "--eval-seeds"), show_default=True, help="held-out batches (the first gets the full table)")
+@click.option("--dc", type=click.Path(path_type=Path), default=HERE / "dc_bench", show_default=True, help="dc_bench.py's output (ratio files)")
+def main(args) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
-    summary = {**run_stamp(), "args": {k: str(v) for k, v in vars(args).items()}, "runs": {}}
+    summary = {**harness.run_stamp(), "args": {k: str(v) for k, v in vars(args).items()}, "runs": {}}
     for guidance in (None, 7.5):
         s3_folder, s3_cost = tune_all("s3", guidance, args, lambda n: dict(
             budget_evaluations=args.budget * n, warmup=24, round_size=8, keep=2))
@@ -99,8 +84,8 @@ def main() -> None:
                              args.out / f"g{guidance}")
         summary["runs"][str(guidance)] = {"table": tables[args.eval_seeds[0]], "seeds": tables,
                                           "cost": {"s3": s3_cost, "timesteps": ts_cost}}
-        (args.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    (args.out / "summary.md").write_text(markdown(summary))
+        harness.write_results(args.out, "summary", summary)  # after each guidance: a killed run keeps its cells
+    harness.write_results(args.out, "summary", summary, markdown(summary))
 
 
 def markdown(summary: dict) -> str:

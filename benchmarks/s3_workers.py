@@ -10,7 +10,6 @@ Tunes UniPC bh2-3 at NFE 5 on the exact digits mixture (SD preset, ``--fit-sampl
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -20,25 +19,24 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+import click
 
 import fastsampler
 from fastsampler.eval import bench as bench_lib
 from fastsampler.eval import gmm
 from fastsampler.runtime.distributed import distributed_context
 from fastsampler.models.denoisers import MixtureDenoiserModel
+import harness
 
 RESULTS = Path(__file__).resolve().parent / "results" / "s3_workers.json"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--nfe", type=int, default=5)
-    parser.add_argument("--budget", type=int, default=120, help="candidates (× NFE model evaluations)")
-    parser.add_argument("--fit-samples", type=int, default=256)
-    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "fastsampler_s3_workers")
-    args = parser.parse_args()
-    torch.set_num_threads(1)  # one core per worker
+@harness.command(out=None, threads=1)
+@click.option("--nfe", type=int, default=5, show_default=True)
+@click.option("--budget", type=int, default=120, show_default=True, help="candidates (× NFE model evaluations)")
+@click.option("--fit-samples", type=int, default=256, show_default=True)
+@click.option("--work", type=click.Path(path_type=Path), default=Path(tempfile.gettempdir()) / "fastsampler_s3_workers", show_default=True)
+def main(args) -> None:
     ctx = distributed_context()
     work = args.work / f"world{ctx.world_size}"
     if ctx.is_main:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from fastsampler.models.digits import CLASSIFIER_FILE, assets_dir, digits_dataset
+import harness
 from fastsampler.models.features import DigitsCNN
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,15 +42,13 @@ def accuracy(model: DigitsCNN, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((model(x).argmax(dim=1) == y).to(torch.float32).mean())
 
 
-@click.command()
+@harness.command(out=None)
 @click.option("--epochs", default=30, show_default=True)
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--lr", default=2e-3, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-@click.option("--threads", default=1, show_default=True)
-def main(epochs: int, batch_size: int, lr: float, seed: int, threads: int) -> None:
+def main(epochs: int, batch_size: int, lr: float, seed: int) -> None:
     """Train the digits classifier and save it next to the DDPM pipeline."""
-    torch.set_num_threads(threads)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     x_train, y_train = digits_dataset("train", with_labels=True)
@@ -83,7 +82,7 @@ def main(epochs: int, batch_size: int, lr: float, seed: int, threads: int) -> No
         train_accuracy=round(accuracy(model, x_train, y_train), 4),
         train_images=int(x_train.shape[0]), test_images=int(x_test.shape[0]),
         settings=dict(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, optimizer="AdamW(wd=1e-4)+OneCycle",
-                      augmentation="random shift ±1 px", label_smoothing=0.05, threads=threads),
+                      augmentation="random shift ±1 px", label_smoothing=0.05, threads=torch.get_num_threads()),
         num_features=64, feature_layer="global-average-pooled last conv block (penultimate)",
         cpu_seconds=round(time.process_time() - cpu0, 1), wall_seconds=round(time.time() - wall0, 1),
         date=datetime.date.today().isoformat(),

@@ -23,6 +23,7 @@ import click
 import torch
 
 from fastsampler.models.digits_pipeline import DigitsConditionalPipeline
+import harness
 from fastsampler.models.digits import COND_PIPELINE_DIR, IMAGE_SIZE, NULL_LABEL, NUM_CLASS_EMBEDS, assets_dir, \
     digits_dataset
 from train_digits_ddpm import REPO, build_scheduler, build_unet, diffusion_loss, held_out_loss, merge_result, \
@@ -36,7 +37,7 @@ def drop_labels(labels: torch.Tensor, p: float, gen: torch.Generator) -> torch.T
     return torch.where(torch.rand(labels.shape, generator=gen) < p, torch.full_like(labels, NULL_LABEL), labels)
 
 
-@click.command()
+@harness.command(out=None)
 @click.option("--width", default=16, show_default=True, help="channels of the first UNet level (then 2w, 4w)")
 @click.option("--steps", default=4800, show_default=True, help="optimiser steps")
 @click.option("--batch-size", default=128, show_default=True)
@@ -49,17 +50,15 @@ def drop_labels(labels: torch.Tensor, p: float, gen: torch.Generator) -> torch.T
               help="checkpoint file [default: .cache/digits_cond_ddpm_eps.ckpt.pt]")
 @click.option("--ckpt-every", default=200, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="pipeline dir [default: the asset dir]")
-@click.option("--threads", default=1, show_default=True)
 def main(width: int, steps: int, batch_size: int, lr: float, warmup: int, ema_decay: float, label_dropout: float,
-         seed: int, ckpt: Path | None, ckpt_every: int, out: Path | None, threads: int) -> None:
+         seed: int, ckpt: Path | None, ckpt_every: int, out: Path | None) -> None:
     """Train the class-conditional digits DDPM and save it as a ``DigitsConditionalPipeline``."""
-    torch.set_num_threads(threads)
     ckpt = ckpt or REPO / ".cache" / "digits_cond_ddpm_eps.ckpt.pt"
     out = out or assets_dir() / COND_PIPELINE_DIR
     settings = dict(prediction_type="epsilon", width=width, steps=steps, batch_size=batch_size, lr=lr,
                     warmup=warmup, ema_decay=ema_decay, label_dropout=label_dropout, num_class_embeds=NUM_CLASS_EMBEDS,
                     null_label=NULL_LABEL, seed=seed, optimizer="AdamW(wd=0)", image_size=IMAGE_SIZE,
-                    num_train_timesteps=1000, beta_schedule="linear 1e-4..0.02", threads=threads)
+                    num_train_timesteps=1000, beta_schedule="linear 1e-4..0.02", threads=torch.get_num_threads())
 
     train, train_labels = digits_dataset("train", with_labels=True)
     test, test_labels = digits_dataset("test", with_labels=True)

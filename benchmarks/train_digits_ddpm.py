@@ -31,6 +31,7 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from fastsampler.models.digits import IMAGE_SIZE, PIPELINE_DIRS, assets_dir, digits_dataset
+import harness
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "digits_ddpm_train.json"
@@ -185,7 +186,7 @@ def merge_result(path: Path, key: str, record: dict) -> None:
     click.echo(json.dumps({k: v for k, v in record.items() if k != "loss_curve_avg100"}, indent=2))
 
 
-@click.command()
+@harness.command(out=None)
 @click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]), default="epsilon")
 @click.option("--width", default=16, show_default=True, help="channels of the first UNet level (then 2w, 4w)")
 @click.option("--steps", default=2400, show_default=True, help="optimiser steps")
@@ -198,17 +199,15 @@ def merge_result(path: Path, key: str, record: dict) -> None:
               help="checkpoint file [default: .cache/digits_ddpm_<variant>.ckpt.pt]")
 @click.option("--ckpt-every", default=200, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="pipeline dir [default: the asset dir]")
-@click.option("--threads", default=1, show_default=True)
 def main(prediction_type: str, width: int, steps: int, batch_size: int, lr: float, warmup: int, ema_decay: float,
-         seed: int, ckpt: Path | None, ckpt_every: int, out: Path | None, threads: int) -> None:
+         seed: int, ckpt: Path | None, ckpt_every: int, out: Path | None) -> None:
     """Train the digits DDPM and save it as a diffusers pipeline."""
-    torch.set_num_threads(threads)
     variant = VARIANT[prediction_type]
     ckpt = ckpt or REPO / ".cache" / f"digits_ddpm_{variant}.ckpt.pt"
     out = out or assets_dir() / PIPELINE_DIRS[variant]
     settings = dict(prediction_type=prediction_type, width=width, steps=steps, batch_size=batch_size, lr=lr,
                     warmup=warmup, ema_decay=ema_decay, seed=seed, optimizer="AdamW(wd=0)", image_size=IMAGE_SIZE,
-                    num_train_timesteps=1000, beta_schedule="linear 1e-4..0.02", threads=threads)
+                    num_train_timesteps=1000, beta_schedule="linear 1e-4..0.02", threads=torch.get_num_threads())
 
     train = digits_dataset("train")
     test = digits_dataset("test")

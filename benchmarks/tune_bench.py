@@ -24,17 +24,15 @@ Results accumulate in ``benchmarks/results/tune_bench.json`` (a rerun skips the 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 import time
-from pathlib import Path
 from typing import Callable
 
+import click
 import torch
 
-from stamp import run_stamp
+import harness
 
 METHODS = {"baseline": ("timesteps", {"search": "nelder-mead"}), "timesteps": ("timesteps", {}),
            "coefficients": ("coefficients", {}), "dc": ("dc", {}), "s3": ("s3", {"budget_evaluations": 1500})}
@@ -204,27 +202,24 @@ def markdown(results: list[dict], stamp: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", default="mixture,mixture-cfg7.5,digits")
-    parser.add_argument("--nfe", default="4,5,6,8,10")
-    parser.add_argument("--methods", default="baseline,timesteps,coefficients,dc,s3")
-    parser.add_argument("--rerun", default="", help="methods to recompute in cells that have them (after a change)")
-    parser.add_argument("--fit", type=int, default=64)
-    parser.add_argument("--eval", type=int, default=256)
-    parser.add_argument("--fid-samples", type=int, default=1000, help="per seed, for the network cases (0: none)")
-    parser.add_argument("--fid-seeds", default="0,1")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+@harness.command(out=harness.RESULTS, threads=1)
+@click.option("--cases", default="mixture,mixture-cfg7.5,digits", show_default=True)
+@click.option("--nfe", default="4,5,6,8,10", show_default=True)
+@click.option("--methods", default="baseline,timesteps,coefficients,dc,s3", show_default=True)
+@click.option("--rerun", default="", show_default=True, help="methods to recompute in cells that have them (after a change)")
+@click.option("--fit", type=int, default=64, show_default=True)
+@click.option("--eval", type=int, default=256, show_default=True)
+@click.option("--fid-samples", type=int, default=1000, show_default=True, help="per seed, for the network cases (0: none)")
+@click.option("--fid-seeds", default="0,1", show_default=True)
+def main(args) -> None:
     methods = [m for m in args.methods.split(",") if m]
     args.rerun = [m for m in args.rerun.split(",") if m]
     unknown = sorted(set(methods + args.rerun) - set(METHODS))
     if unknown:
-        parser.error(f"--methods: unknown {unknown}; choose from {sorted(METHODS)}")
+        raise click.BadParameter(f"unknown {unknown}; choose from {sorted(METHODS)}", param_hint="--methods")
     store = args.out / "tune_bench.json"
     results = json.loads(store.read_text())["results"] if store.is_file() else []
-    stamp = run_stamp()
+    stamp = harness.run_stamp()
     fid_seeds = [int(v) for v in args.fid_seeds.split(",") if v]
     for name in [c for c in args.cases.split(",") if c]:
         for n in [int(v) for v in args.nfe.split(",") if v]:
@@ -259,4 +254,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

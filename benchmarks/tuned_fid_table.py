@@ -17,6 +17,8 @@ from pathlib import Path
 
 import click
 
+import harness
+
 # (label, scheduler class or a regular expression for a folder path, options that identify the row, label of
 # the base row or None)
 ROWS: list[tuple[str, str, dict, str | None]] = [
@@ -83,7 +85,7 @@ def tuned_table(results: dict, ddim: dict | None = None) -> list[str]:
     return lines
 
 
-@click.command()
+@harness.command(out=None, threads=None)
 @click.argument("results", type=click.Path(exists=True, dir_okay=False))
 @click.option("--ddim", type=click.Path(exists=True, dir_okay=False), help="results JSON of the DDIM-250 run")
 def main(results: str, ddim: str | None) -> None:

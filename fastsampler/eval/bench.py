@@ -347,3 +347,16 @@ class _quiet_diffusers:
 
     def __exit__(self, *exc):
         self._logging.set_verbosity(self._level)
+
+
+_REPORTS = ("CELL", "TABLE_LEGEND", "format_table", "write_csv", "plot", "write_outputs")
+
+
+def __getattr__(name: str):
+    """The report functions moved to ``bench_report`` (which imports this module, so they load on first use):
+    ``bench.format_table`` and the rest keep working for scripts written before the move."""
+    if name in _REPORTS:
+        from fastsampler.eval import bench_report
+
+        return getattr(bench_report, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
