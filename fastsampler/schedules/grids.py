@@ -24,6 +24,7 @@ from fastsampler.schedules.noise import (
     flow_dynamic_shift,
     flow_shift_sigmas,
 )
+from fastsampler.schedules.spacings import beta_sigmas, karras_sigmas
 
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing", "time_quadratic", "uniform_lambda")
 FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
@@ -113,20 +114,6 @@ class GridSpec:
             if self.use_flow_sigmas:
                 raise ValueError("`use_ays_sigmas` holds VP / EDM noise levels; it is not available with "
                                  "`use_flow_sigmas`")
-
-
-def karras_sigmas(rho_min: float, rho_max: float, n: int, power: float) -> np.ndarray:
-    """ρ_i = (ρ_max^{1/p} + i/(n−1)·(ρ_min^{1/p} − ρ_max^{1/p}))^p (Karras et al. 2022, eq. 5)."""
-    ramp = np.linspace(0.0, 1.0, n)
-    lo, hi = rho_min ** (1 / power), rho_max ** (1 / power)
-    return (hi + ramp * (lo - hi)) ** power
-
-
-def beta_sigmas(rho_min: float, rho_max: float, n: int, a: float = 0.6, b: float = 0.6) -> np.ndarray:
-    """ρ_i = ρ_min + F⁻¹_Beta(a,b)(1 − i/(n−1))·(ρ_max − ρ_min) ("Beta sampling is all you need")."""
-    import scipy.stats
-
-    return rho_min + scipy.stats.beta.ppf(1.0 - np.linspace(0.0, 1.0, n), a, b) * (rho_max - rho_min)
 
 
 def _sigma_spacing(spec: GridSpec, lo: float, hi: float, n: int) -> np.ndarray:
