@@ -57,7 +57,8 @@ def sample(scheduler, model, noise: torch.Tensor, n: int) -> torch.Tensor:
 
 @harness.command(out=harness.RESULTS, threads=1)
 @click.option("--nfe", type=int, default=10, show_default=True)
-@click.option("--variant", type=click.Choice(["eps", "v"]), default="eps", show_default=True, help="the digits DDPM's prediction type")
+@click.option("--variant", type=click.Choice(["eps", "v"]), default="eps", show_default=True,
+              help="the digits DDPM's prediction type")
 @click.option("--fit", type=int, default=64, show_default=True)
 @click.option("--eval", type=int, default=1000, show_default=True)
 @click.option("--ode-steps", type=int, default=500, show_default=True)

@@ -47,11 +47,13 @@ MODELS = {"digits_ddpm": None, "digits_cond_g1.5": 1.5, "digits_cond_g4": 4.0}
 @harness.command(out=assets_dir() / "s3", threads=1)
 @click.option("--samples", type=int, default=32, show_default=True)
 @click.option("--seed", type=int, default=1000, show_default=True)
-@click.option("--validation-samples", type=int, default=32, show_default=True, help="held-out noises (seed + 1000) choosing among the best candidates")
+@click.option("--validation-samples", type=int, default=32, show_default=True,
+              help="held-out noises (seed + 1000) choosing among the best candidates")
 @click.option("--budget", type=int, default=120, show_default=True, help="candidates per NFE (× NFE model evaluations)")
 @click.option("--models", default=",".join(MODELS), show_default=True)
 @click.option("--nfes", default=",".join(map(str, NFES)), show_default=True)
-@click.option("--objective", type=click.Choice(("mse", "fid")), default="mse", show_default=True, help="mse: error against the teacher; fid: FID of the samples (the released S³ criterion)")
+@click.option("--objective", type=click.Choice(("mse", "fid")), default="mse", show_default=True,
+              help="mse: error against the teacher; fid: FID of the samples (the released S³ criterion)")
 @click.option("--work", type=click.Path(path_type=Path), default=Path(".cache") / "s3_fit", show_default=True)
 def main(args) -> None:
     record = {**harness.run_stamp(), "seed": args.seed, "budget_candidates_per_nfe": args.budget, "runs": {}}

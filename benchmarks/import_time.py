@@ -91,7 +91,8 @@ def markdown(result: dict) -> str:
 
 @harness.command(out=harness.RESULTS, threads=None)
 @click.option("--repeats", type=click.IntRange(min=1), default=7, show_default=True)
-@click.option("--before", type=click.Path(path_type=Path), help="another fastsampler checkout to time the same statement against")
+@click.option("--before", type=click.Path(path_type=Path),
+              help="another fastsampler checkout to time the same statement against")
 def main(args) -> None:
     import diffusers
     import torch

@@ -35,7 +35,8 @@ RESULTS = Path(__file__).resolve().parent / "results" / "s3_workers.json"
 @click.option("--nfe", type=int, default=5, show_default=True)
 @click.option("--budget", type=int, default=120, show_default=True, help="candidates (× NFE model evaluations)")
 @click.option("--fit-samples", type=int, default=256, show_default=True)
-@click.option("--work", type=click.Path(path_type=Path), default=Path(tempfile.gettempdir()) / "fastsampler_s3_workers", show_default=True)
+@click.option("--work", type=click.Path(path_type=Path), default=Path(tempfile.gettempdir()) / "fastsampler_s3_workers",
+              show_default=True)
 def main(args) -> None:
     ctx = distributed_context()
     work = args.work / f"world{ctx.world_size}"

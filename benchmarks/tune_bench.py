@@ -206,10 +206,12 @@ def markdown(results: list[dict], stamp: dict) -> str:
 @click.option("--cases", default="mixture,mixture-cfg7.5,digits", show_default=True)
 @click.option("--nfe", default="4,5,6,8,10", show_default=True)
 @click.option("--methods", default="baseline,timesteps,coefficients,dc,s3", show_default=True)
-@click.option("--rerun", default="", show_default=True, help="methods to recompute in cells that have them (after a change)")
+@click.option("--rerun", default="", show_default=True,
+              help="methods to recompute in cells that have them (after a change)")
 @click.option("--fit", type=int, default=64, show_default=True)
 @click.option("--eval", type=int, default=256, show_default=True)
-@click.option("--fid-samples", type=int, default=1000, show_default=True, help="per seed, for the network cases (0: none)")
+@click.option("--fid-samples", type=int, default=1000, show_default=True,
+              help="per seed, for the network cases (0: none)")
 @click.option("--fid-seeds", default="0,1", show_default=True)
 def main(args) -> None:
     methods = [m for m in args.methods.split(",") if m]

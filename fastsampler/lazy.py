@@ -2,9 +2,10 @@
 
 Two places take such names:
 
-- ``fastsampler`` itself: its scheduler classes, its subpackages above them (``eval``, ``tuning``, ``cli``,
-  ``shipped``) and the pipeline class resolve through the package's module ``__getattr__``, which :func:`resolve`
-  implements — so ``import fastsampler`` (and the CLI's ``--help``) imports neither torch nor diffusers.
+- ``fastsampler`` itself: its scheduler classes, its subpackages above them (``models``, ``runtime``, ``eval``,
+  ``tuning``, ``cli``, ``shipped``) and the pipeline class resolve through the package's module ``__getattr__``,
+  which :func:`resolve` implements — so ``import fastsampler`` (and the CLI's ``--help``) imports neither torch
+  nor diffusers.
 - ``diffusers``: its generic ``DiffusionPipeline.from_pretrained(folder)`` looks ``model_index.json``'s
   ``_class_name`` up with ``getattr(diffusers, name)``. :func:`register_pipelines` teaches the ``diffusers`` module
   object our pipeline names without importing them: the module's class gets a ``__getattr__`` that imports the
@@ -29,6 +30,8 @@ LAZY_ATTRIBUTES: dict[str, str] = {
     "PlanScheduler": "fastsampler.adapters.scheduler",
     "NonFiniteModelOutputError": "fastsampler.adapters.scheduler",
     "Plan": "fastsampler.plans.format",
+    "models": "fastsampler.models",
+    "runtime": "fastsampler.runtime",
     "eval": "fastsampler.eval",
     "tuning": "fastsampler.tuning",
     "k_diffusion": "fastsampler.k_diffusion",
