@@ -55,19 +55,12 @@ def fit(preset: str, guidance: float | None, base: str, fit_samples: int, fit_se
 
 
 @harness.command(out=RESULTS, threads=1)
-@click.option("--preset", default="sd", show_default=True)
-@click.option("--fit-samples", type=int, default=64, show_default=True)
-@click.option("--fit-seed", type=int, default=1000, show_default=True)
-@click.option("--validation-samples", type=int, default=128, show_default=True,
-              help="held-out noises (seed --validation-seed): fitted ratios that do worse there are dropped")
-@click.option("--validation-seed", type=int, default=2000, show_default=True)
-@click.option("--batch-size", type=int, default=256, show_default=True)
-@click.option("--eval-seeds", default="0,3000,4000,5000", callback=lambda ctx, param,
-              text: harness.ints(text, "--eval-seeds"), show_default=True,
-              help="held-out batches (the first gets the full table)")
+@harness.held_out_protocol(64, "held-out noises (seed --validation-seed): fitted ratios that do worse there are "
+                                "dropped")
 @click.option("--search", type=click.Choice(("gradient", "scan")), default="gradient", show_default=True)
-@click.option("--objective", type=click.Choice(("next", "final")), default="final", show_default=True, help="DC search loss: the official next-node loss, or the final sample's (default here: on "
-                             "the exact mixture the final jump to σ = 0 dominates the error)")
+@click.option("--objective", type=click.Choice(("next", "final")), default="final", show_default=True,
+              help="DC search loss: the official next-node loss, or the final sample's (default here: on the exact "
+                   "mixture the final jump to σ = 0 dominates the error)")
 def main(args) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     summary = {**harness.run_stamp(), "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()}, "runs": {}}

@@ -72,6 +72,30 @@ def _verbatim_blocks(doc: str) -> str:
                        for p in paragraphs)
 
 
+def held_out_protocol(fit_samples: int, validation_help: str) -> Callable[[Callable], Callable]:
+    """The options of the tuning benchmarks on the exact mixture (fit on some noises, validate on others, score on
+    held-out batches): ``--preset``, ``--fit-samples`` / ``--fit-seed``, ``--validation-samples`` /
+    ``--validation-seed``, ``--batch-size`` and ``--eval-seeds`` (a list; the first seed gets the full table)."""
+    options = [
+        click.option("--preset", default="sd", show_default=True),
+        click.option("--fit-samples", type=int, default=fit_samples, show_default=True),
+        click.option("--fit-seed", type=int, default=1000, show_default=True),
+        click.option("--validation-samples", type=int, default=128, show_default=True, help=validation_help),
+        click.option("--validation-seed", type=int, default=2000, show_default=True),
+        click.option("--batch-size", type=int, default=256, show_default=True),
+        click.option("--eval-seeds", default="0,3000,4000,5000", show_default=True,
+                     callback=lambda ctx, param, text: ints(text, "--eval-seeds"),
+                     help="held-out batches (the first gets the full table)"),
+    ]
+
+    def decorate(body: Callable) -> Callable:
+        for option in reversed(options):
+            body = option(body)
+        return body
+
+    return decorate
+
+
 def ints(text: str, option: str = "--nfe") -> list[int]:
     """``"4,5,6"`` → ``[4, 5, 6]``."""
     try:

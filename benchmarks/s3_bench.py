@@ -58,17 +58,8 @@ def tune_all(method: str, guidance: float | None, args, options_for: Callable[[i
 
 
 @harness.command(out=HERE / "s3_bench", threads=1)
-@click.option("--preset", default="sd", show_default=True)
-@click.option("--fit-samples", type=int, default=256, show_default=True)
-@click.option("--fit-seed", type=int, default=1000, show_default=True)
-@click.option("--validation-samples", type=int, default=128, show_default=True,
-              help="held-out noises that choose among the candidates (0: none)")
-@click.option("--validation-seed", type=int, default=2000, show_default=True)
+@harness.held_out_protocol(256, "held-out noises that choose among the candidates (0: none)")
 @click.option("--budget", type=int, default=200, show_default=True, help="S3 candidates per NFE")
-@click.option("--batch-size", type=int, default=256, show_default=True)
-@click.option("--eval-seeds", default="0,3000,4000,5000", callback=lambda ctx, param,
-              text: harness.ints(text, "--eval-seeds"), show_default=True,
-              help="held-out batches (the first gets the full table)")
 @click.option("--dc", type=click.Path(path_type=Path), default=HERE / "dc_bench", show_default=True,
               help="dc_bench.py's output (ratio files)")
 def main(args) -> None:
